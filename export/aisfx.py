@@ -1,0 +1,120 @@
+"""The aisfx sound-effects CNN (ISMIR 2022, PyPI ``aisfx``) as a waveform-in, embedding-out model.
+
+Facts taken from the package (code MIT, weights CC BY 4.0): 44.1 kHz audio, power mel with 96
+HTK bands normalised to unit sum, n_fft 2048, hop 1024, ``log10(S * 1e4 + 1)``, min-max scaling
+with (0, 9.4578), blocks of 100 frames (~2.3 s) with hop 50, a 4-block VGG-style CNN with
+64/128/256/512 channels, frequency mean then time max, 512-d per block. The clip embedding is
+the mean over blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.frontend import PowerMel
+
+SAMPLE_RATE = 44100
+N_FFT = 2048
+HOP = 1024
+N_MELS = 96
+SPEC_MAX = 9.457798957824707
+BLOCK_FRAMES = 100
+BLOCK_HOP = 50
+EMBEDDING_DIM = 512
+# One block needs 100 centred frames, i.e. 99 hops of audio (2.30 s); shorter inputs have no block.
+MIN_SECONDS = 2.5
+LICENCE = "aisfx: code MIT, weights CC BY 4.0 (A. B. Ma and A. Lerch, ISMIR 2022; PyPI package aisfx)"
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 conv + BN + ReLU layers, then max pooling (key names follow the checkpoint)."""
+
+    def __init__(self, in_channels: int, out_channels: int, pool: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        if self.pool != (1, 1):
+            x = nn.functional.max_pool2d(x, self.pool)
+        return x
+
+
+class AisfxCnn(nn.Module):
+    """Blocks [N, frames, mels] -> [N, 512]: mean over frequency, max over time."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.conv_block1 = ConvBlock(1, width, (2, 2))
+        self.conv_block2 = ConvBlock(width, width * 2, (2, 2))
+        self.conv_block3 = ConvBlock(width * 2, width * 4, (2, 2))
+        self.conv_block4 = ConvBlock(width * 4, width * 8, (1, 1))
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        x = blocks.unsqueeze(1)
+        for block in (self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4):
+            x = block(x)
+        return x.mean(dim=3).amax(dim=2)
+
+
+class AisfxBackbone(nn.Module):
+    """Waveform [B, T] at 44.1 kHz -> embedding [B, 512].
+
+    ``peak_normalise`` reproduces the package's librosa path (divide by max |x|). It throws
+    away the level, which a fault can change, so it is a switch rather than a given.
+    """
+
+    def __init__(self, cnn: AisfxCnn, peak_normalise: bool) -> None:
+        super().__init__()
+        self.mel = PowerMel(SAMPLE_RATE, N_FFT, HOP, N_MELS, 0.0, SAMPLE_RATE / 2, unit_sum=True)
+        self.cnn = cnn
+        self.peak_normalise = peak_normalise
+
+    def block_embeddings(self, waveform: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, blocks, 512]; a partial last block is dropped, as the package does."""
+        if self.peak_normalise:
+            peak = waveform.abs().amax(dim=-1, keepdim=True)
+            waveform = waveform / torch.where(peak > 0, peak, torch.ones_like(peak))
+        spec = torch.log10(self.mel(waveform) * 1e4 + 1.0) / SPEC_MAX
+        blocks = spec.unfold(1, BLOCK_FRAMES, BLOCK_HOP).transpose(2, 3)  # [B, nb, 100, 96]
+        batch, n_blocks = blocks.shape[0], blocks.shape[1]
+        emb = self.cnn(blocks.reshape(batch * n_blocks, BLOCK_FRAMES, N_MELS))
+        return emb.reshape(batch, n_blocks, -1)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.block_embeddings(waveform).mean(dim=1)
+
+
+def packaged_checkpoint() -> Path:
+    """Path of the checkpoint inside the installed ``aisfx`` package (found without importing
+    it: its ``__init__`` imports librosa and pins old numpy)."""
+    spec = importlib.util.find_spec("aisfx")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "aisfx is not installed: pip install --no-deps aisfx (it carries the weights)"
+        )
+    return Path(spec.origin).parent / "models" / "checkpoint.pth"
+
+
+def load_cnn(checkpoint: Path | None = None) -> AisfxCnn:
+    """Load the embedding part of the package's CrossNet checkpoint (keys ``embedding_net.*``).
+
+    The file pickles a numpy scalar next to the weights, hence ``weights_only=False``: only
+    load checkpoints you trust.
+    """
+    path = checkpoint or packaged_checkpoint()
+    state, _datasets = torch.load(path, map_location="cpu", weights_only=False)
+    prefix = "embedding_net."
+    cnn_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    cnn = AisfxCnn()
+    cnn.load_state_dict(cnn_state, strict=True)
+    return cnn.eval()

@@ -1,0 +1,207 @@
+"""``asd-monitor``: enroll normal audio, score recordings, evaluate on a labelled data set.
+
+Exit codes: 0 success; 1 unexpected failure; 2 bad command line; 65 bad input data (audio,
+bank, model, data set); 78 bad configuration (systemd's RestartPreventExitStatus lists it, so
+a bad config does not become a restart loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from monitor import __version__
+from monitor.audio import AudioError, load_audio
+from monitor.backbone import BackboneError, builtin_names
+from monitor.bank import Bank, BankError, BankItem, BankNotFound, BankStore
+from monitor.config import BackboneConfig, Config, ConfigError, load_config
+from monitor.dataset import DatasetError, find_audio
+from monitor.detector import Detector
+from monitor.fusion import FusionError
+from monitor.knn import KnnError
+from monitor.metadata import ModelMetadataError
+
+log = logging.getLogger("asd-monitor")
+
+EXIT_FAILURE = 1
+EXIT_DATA = 65
+EXIT_CONFIG = 78
+DATA_ERRORS = (AudioError, BackboneError, BankError, DatasetError, KnnError, FusionError, ModelMetadataError)
+
+
+def _progress_factory(description: str):
+    """A tqdm bar on stderr when it is a terminal, nothing in a pipe or the journal."""
+    from tqdm import tqdm
+
+    def make(total: int):
+        bar = tqdm(total=total, desc=description, unit="clip", disable=None, leave=False)
+        return bar.update
+
+    return make
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config) if args.config else Config()
+    if getattr(args, "backbone", None):
+        config = replace(config, backbones=[BackboneConfig(name) for name in args.backbone])
+    return config
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    detector = Detector.from_config(_config(args))
+    store = BankStore(args.bank)
+    try:
+        bank = Bank() if args.replace else store.load()
+    except BankNotFound:
+        bank = Bank()
+    paths = find_audio(args.paths)
+    items, parts = [], {name: [] for name in detector.model_ids}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    progress = _progress_factory("enroll")(len(paths))
+    for path in paths:
+        embedded = detector.embed(load_audio(path))
+        items += [BankItem(str(path.resolve()), start, args.condition, now) for start in embedded.starts]
+        for name, emb in embedded.embeddings.items():
+            parts[name].append(emb)
+        progress(1)
+    new_bank = bank.add(items, {n: np.concatenate(v) for n, v in parts.items()}, detector.model_ids)
+    version = store.save(new_bank, note=args.note or f"enrolled {len(paths)} file(s), condition {args.condition}")
+    print(f"bank {args.bank}: version {version}, {len(new_bank)} windows "
+          f"({len(items)} new, condition {args.condition}), backbones {', '.join(new_bank.backbones)}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    detector = Detector.from_config(_config(args))
+    detector.fit(BankStore(args.bank).load())
+    threshold = detector.config.fusion.threshold
+    rows = []
+    for path in find_audio(args.paths):
+        embedded = detector.embed(load_audio(path))
+        scores = detector.score(embedded.embeddings)
+        worst = int(scores.fused.argmax())
+        rows.append({
+            "file": str(path),
+            "windows": len(embedded.starts),
+            "worst_window_start_s": embedded.starts[worst],
+            "fused_rank": float(scores.fused[worst]),
+            "anomalous": bool(scores.fused[worst] > threshold),
+            "backbones": {name: {"score": float(scores.raw[name][worst]), "rank": float(scores.ranks[name][worst])}
+                          for name in scores.raw},
+        })
+    if args.json:
+        print(json.dumps({"threshold": threshold, "bank": str(args.bank), "results": rows}, indent=2))
+        return 0
+    from monitor.report import format_table
+
+    names = list(detector.model_ids)
+    table = [{"file": Path(r["file"]).name, **{f"{n} score": r["backbones"][n]["score"] for n in names},
+              **{f"{n} rank": r["backbones"][n]["rank"] for n in names},
+              "fused": r["fused_rank"], "verdict": "ANOMALY" if r["anomalous"] else "normal"} for r in rows]
+    columns = ["file", *[f"{n} score" for n in names], *[f"{n} rank" for n in names], "fused", "verdict"]
+    print(format_table(table, columns))
+    print(f"(rank = share of the bank's own leave-one-out scores below; anomalous when fused rank > {threshold:g})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from monitor.evaluate import print_table, run_evaluation
+    from monitor.report import to_json
+
+    detector = Detector.from_config(_config(args))
+    results, summary = run_evaluation(detector, args.dataset, args.out, _progress_factory("evaluate"))
+    if args.json:
+        print(to_json(summary), end="")
+    else:
+        print(print_table(results, summary))
+        print(f"official score (fused): {summary['official_score']:.3f}   elapsed {summary['elapsed_seconds']:.0f} s")
+    if args.out:
+        print(f"wrote {args.out}/results.json, roc.png and the official CSV files")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Enroll the bundled normal fan clips, then score held-out normal and faulty clips."""
+    import tempfile
+
+    from monitor import demo
+
+    with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
+        bank = args.bank or Path(tmp) / "bank"
+        print(f"== enrolling {len(demo.enroll_clips())} normal fan recordings (MIMII, CC BY-SA 4.0) into {bank}")
+        common = ["-c", str(args.config)] if args.config else []
+        code = main(["enroll", *common, "--replace", "--bank", str(bank), *map(str, demo.enroll_clips())])
+        if code:
+            return code
+        print("== scoring held-out normal recordings, then recordings of a faulty fan")
+        return main(["score", *common, "--bank", str(bank), *map(str, demo.held_out_normal_clips() + demo.anomaly_clips())])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asd-monitor", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: 0 ok, 1 failure, 2 usage, 65 bad input data, 78 bad config")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", type=Path, help="YAML config (default: built-in defaults)")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    backbone_help = f"backbone to use, repeatable: a built-in ({', '.join(builtin_names())}) or an .onnx path; overrides the config"
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("enroll", parents=[common], help="add normal recordings to a bank (new bank version)")
+    p.add_argument("--bank", type=Path, required=True, help="bank directory")
+    p.add_argument("--backbone", action="append", help=backbone_help)
+    p.add_argument("--condition", default="default", help="operating condition of these recordings (default: default)")
+    p.add_argument("--replace", action="store_true", help="start a new bank instead of adding to the current version")
+    p.add_argument("--note", help="note stored with the new bank version")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="audio files or folders")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("score", parents=[common], help="score recordings against a bank")
+    p.add_argument("--bank", type=Path, required=True, help="bank directory")
+    p.add_argument("--backbone", action="append", help=backbone_help)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="audio files or folders")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", parents=[common], help="DCASE-style evaluation on a labelled data set")
+    p.add_argument("dataset", type=Path, metavar="DATASET", help="folder with <machine>/train and <machine>/test")
+    p.add_argument("--backbone", action="append", help=backbone_help)
+    p.add_argument("--out", type=Path, help="write results.json, roc.png and the official CSVs here")
+    p.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", parents=[common], help="enroll and score the bundled real fan recordings")
+    p.add_argument("--bank", type=Path, help="keep the demo bank here (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"asd-monitor: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DATA_ERRORS as exc:
+        print(f"asd-monitor: error: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

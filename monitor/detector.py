@@ -1,0 +1,122 @@
+"""The scoring path shared by ``score``, ``evaluate`` and the daemon.
+
+Backbones turn audio into embeddings; a fitted detector turns embeddings into per-backbone
+KNN distances, ranks them within each backbone's anchored reference (the bank's own
+leave-one-out distances, i.e. what normal audio scores) and fuses the ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from monitor.audio import Audio
+from monitor.backbone import Backbone, BackboneError
+from monitor.bank import Bank
+from monitor.config import Config
+from monitor.fusion import fuse, rank_ratio
+from monitor.knn import KnnScorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Scores of a batch of windows: raw distance and rank per backbone, and the fused rank."""
+
+    raw: dict[str, np.ndarray]
+    ranks: dict[str, np.ndarray]
+    fused: np.ndarray
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Embeddings of one recording's windows, per backbone, and the windows' start times."""
+
+    embeddings: dict[str, np.ndarray]
+    starts: list[float]
+
+
+class Detector:
+    """Backbones + scoring settings; ``fit`` a bank, then ``score`` embeddings."""
+
+    def __init__(self, backbones: Sequence[Backbone], config: Config) -> None:
+        names = [b.name for b in backbones]
+        if len(set(names)) != len(names):
+            raise BackboneError(f"two configured backbones share a name: {names}")
+        windows = {b.meta.window_seconds for b in backbones}
+        if len(windows) > 1:
+            raise BackboneError(f"backbones must share one window length, got {sorted(windows)} s")
+        self.backbones = list(backbones)
+        self.config = config
+        self.weights = {b.name: spec.weight for b, spec in zip(backbones, config.backbones)}
+        self.metrics = {b.name: spec.metric or config.scoring.metric for b, spec in zip(backbones, config.backbones)}
+        self._knn: dict[str, KnnScorer] = {}
+        self._reference: dict[str, np.ndarray] = {}
+        self.bank: Bank | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Detector:
+        rt = config.runtime
+        return cls([Backbone.load(b.model, rt.provider, rt.threads) for b in config.backbones], config)
+
+    @property
+    def window_seconds(self) -> float:
+        return self.backbones[0].meta.window_seconds
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        return {b.name: b.meta.model_id for b in self.backbones}
+
+    def embed(self, audio: Audio, hop_seconds: float | None = None) -> Embedded:
+        """Embed every window of ``audio`` with every backbone (see ``monitor.audio``)."""
+        embeddings: dict[str, np.ndarray] = {}
+        starts: list[float] | None = None
+        for backbone in self.backbones:
+            windows, backbone_starts = backbone.windows_of(audio, hop_seconds)
+            if starts is not None and len(backbone_starts) != len(starts):
+                raise BackboneError(f"{audio.source}: backbones cut different numbers of windows")
+            starts = backbone_starts
+            embeddings[backbone.name] = backbone.embed(windows)
+        assert starts is not None
+        return Embedded(embeddings, starts)
+
+    def fit(self, bank: Bank) -> None:
+        """Index ``bank`` and compute each backbone's anchored reference.
+
+        Refuses a bank enrolled with other models (distances across models mean nothing) or
+        lacking a configured backbone.
+        """
+        missing = sorted(set(self.model_ids) - set(bank.backbones))
+        if missing:
+            raise BackboneError(f"bank has no embeddings for backbone(s) {', '.join(missing)}: enroll with them first")
+        # The bank may hold more backbones than are configured; those configured must match.
+        bank.check_compatible(bank.model_ids | self.model_ids)
+        if len(bank) < 2:
+            raise BackboneError(f"bank holds {len(bank)} window(s): at least 2 are needed to rank scores")
+        conditions = bank.condition_labels()
+        scoring = self.config.scoring
+        for backbone in self.backbones:
+            metric = self.metrics[backbone.name]
+            knn = KnnScorer(bank.embeddings[backbone.name], conditions, metric, scoring.k, scoring.shrinkage)
+            self._knn[backbone.name] = knn
+            self._reference[backbone.name] = knn.leave_one_out()
+        self.bank = bank
+        log.info("detector fitted on bank %s: %d windows, conditions %s", bank.version or "(in memory)",
+                 len(bank), ",".join(bank.conditions))
+
+    def reference(self, name: str) -> np.ndarray:
+        return self._reference[name]
+
+    def raw_scores(self, embeddings: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._knn:
+            raise RuntimeError("Detector.fit must be called before scoring")
+        return {name: knn.score(embeddings[name]) for name, knn in self._knn.items()}
+
+    def score(self, embeddings: Mapping[str, np.ndarray]) -> Scores:
+        raw = self.raw_scores(embeddings)
+        ranks = {name: rank_ratio(self._reference[name], values) for name, values in raw.items()}
+        return Scores(raw, ranks, fuse(ranks, self.weights, self.config.fusion.rule))

@@ -1,0 +1,279 @@
+"""KNN anomaly scores of embeddings against an enrolled bank of normal embeddings.
+
+Only normal sounds are enrolled, so the anomaly score of a window is how far its
+embedding lies from the nearest normal ones.  The bank is split by operating
+condition (machine speed, load, ...) because conditions are enrolled in very
+unequal amounts: scoring each sub-bank separately and taking the minimum lets a
+condition with a handful of clips count as much as one with thousands, instead
+of its few neighbours being drowned out.
+
+Search uses flat (exact) faiss indexes.  faiss wins for the daemon's pattern of
+one query per window against a large bank; measurements showed numpy matmul can
+be faster for batch evaluation at d=768 below ~167 queries, because faiss's
+bundled BLAS uses a generic kernel.  For now flat faiss is used everywhere; a
+benchmark will later pick the index type by bank size.  The faiss thread count
+is deliberately left to the caller (``faiss.omp_set_num_threads`` is not called
+here), since only the application knows how many cores it may take.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRICS = ('cosine', 'euclidean', 'std-euclidean', 'mahalanobis')
+WHITENED = ('std-euclidean', 'mahalanobis')
+
+# A dimension's std is floored at this fraction of the largest std, so that a
+# (nearly) constant dimension does not turn tiny noise into huge distances.
+_STD_FLOOR = 1e-8
+
+# Whitened metrics estimate their statistics without the scored embedding's
+# fold in the leave-one-out reference (see KnnScorer.leave_one_out).
+LOO_FOLDS = 10
+
+
+class KnnError(ValueError):
+    """Invalid bank, query or parameter for KNN scoring."""
+
+
+class KnnScorer:
+    """Scores queries by their mean distance to the k nearest enrolled embeddings.
+
+    The score is computed per operating condition (k clipped to each sub-bank's
+    size) and the minimum over conditions is returned.
+
+    Metrics: ``cosine``; ``euclidean``; ``std-euclidean`` (every dimension
+    divided by its std over the whole bank); ``mahalanobis``: whitened by the
+    bank's covariance shrunk towards its diagonal, ``(1 - s) C + s diag(C)``.
+    Embedding dimensions of a CNN are strongly correlated, and a fault often
+    moves an embedding along a direction in which normal audio barely varies;
+    the full covariance sees that, the diagonal does not, and with few enrolled
+    windows the raw covariance is singular, which the shrinkage fixes
+    (``shrinkage=1`` is exactly ``std-euclidean``). Statistics are those of the
+    WHOLE bank, not per condition, so every condition is measured in the same
+    units and the minimum over conditions is fair.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        conditions: Sequence[str] | None = None,
+        metric: str = 'cosine',
+        k: int = 1,
+        shrinkage: float = 0.5,
+    ) -> None:
+        if metric not in METRICS:
+            raise KnnError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise KnnError(f"k must be an integer >= 1, got {k!r}")
+        if not 0.0 < shrinkage <= 1.0:
+            raise KnnError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
+        bank = _as_matrix(embeddings, 'bank embeddings')
+        if bank.shape[0] == 0:
+            raise KnnError("bank embeddings: empty bank (no embeddings enrolled)")
+        labels = _condition_labels(conditions, bank.shape[0])
+
+        self._metric = metric
+        self._k = int(k)
+        self._shrinkage = float(shrinkage)
+        self._bank = bank
+        self._transform = self._fit_transform(bank)
+        self._groups = [np.flatnonzero(labels == name) for name in sorted(set(labels.tolist()))]
+        self._names = tuple(sorted(set(labels.tolist())))
+        self._group_of = np.empty(bank.shape[0], dtype=np.int64)
+        for g, members in enumerate(self._groups):
+            self._group_of[members] = g
+        self._indexes = self._build_indexes(self._prepare(bank, self._transform))
+        logger.debug(
+            "KNN bank: %d embeddings, dim %d, metric %s, k %d, conditions %s",
+            bank.shape[0], bank.shape[1], metric, self._k,
+            {name: members.size for name, members in zip(self._names, self._groups)},
+        )
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    @property
+    def dim(self) -> int:
+        return self._bank.shape[1]
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """Sorted unique operating conditions ('' alone when none were given)."""
+        return self._names
+
+    def __len__(self) -> int:
+        return self._bank.shape[0]
+
+    def score(self, queries: np.ndarray) -> np.ndarray:
+        """Anomaly scores [M] (float64) of queries [M, D]; higher is more anomalous."""
+        raw = _as_matrix(queries, 'queries', dim=self.dim)
+        best = np.full(raw.shape[0], np.inf)
+        if raw.shape[0] == 0:
+            return best
+        prepared = self._prepare(raw, self._transform)
+        for members, index in zip(self._groups, self._indexes):
+            kk = min(self._k, members.size)
+            found, _ = index.search(prepared, kk)
+            np.minimum(best, self._to_distance(found).mean(axis=1), out=best)
+        return best
+
+    def leave_one_out(self) -> np.ndarray:
+        """Score [N] of every bank embedding against the bank without itself.
+
+        This is the anchored reference of normal scores that new scores are
+        ranked against, so each value should be what ``score`` would return had
+        that embedding not been enrolled: its neighbours are the other
+        embeddings (an embedding alone in its condition is scored against the
+        other conditions only). For the whitened metrics the statistics must
+        not include the embedding either, or its own direction looks more
+        normal than it is and the reference comes out too low (too many
+        alarms); refitting them per embedding costs a D x D decomposition each,
+        so they are fitted once per fold of ``LOO_FOLDS`` folds, leaving that
+        fold out. A bank of one embedding has no reference and gives nan.
+        """
+        n = len(self)
+        if n == 1:
+            return np.full(1, np.nan)
+        if self._metric not in WHITENED:
+            return self._loo_rows(self._prepare(self._bank, self._transform), self._indexes, np.arange(n))
+        best = np.full(n, np.nan)
+        folds = np.arange(n) % min(n, LOO_FOLDS)
+        for fold in np.unique(folds):
+            rows = np.flatnonzero(folds == fold)
+            transform = self._fit_transform(self._bank[folds != fold])
+            prepared = self._prepare(self._bank, transform)
+            best[rows] = self._loo_rows(prepared, self._build_indexes(prepared), rows)
+        return best
+
+    def _loo_rows(self, prepared: np.ndarray, indexes: list[faiss.Index], rows: np.ndarray) -> np.ndarray:
+        """Leave-one-out scores of bank ``rows`` against indexes built on all of ``prepared``."""
+        best = np.full(rows.size, np.inf)
+        for g, (members, index) in enumerate(zip(self._groups, indexes)):
+            size = members.size
+            inside = self._group_of[rows] == g
+            outsiders = rows[~inside]
+            if outsiders.size:
+                found, _ = index.search(np.ascontiguousarray(prepared[outsiders]), min(self._k, size))
+                best[~inside] = np.minimum(best[~inside], self._to_distance(found).mean(axis=1))
+            if size == 1 or not inside.any():
+                continue
+            # Members search one extra neighbour and drop themselves. With exact
+            # duplicates faiss may rank a twin before the member itself; the two
+            # are at the same distance, so dropping the last neighbour instead
+            # gives the same result.
+            own = rows[inside]
+            kk = min(self._k, size - 1)
+            found, ids = index.search(np.ascontiguousarray(prepared[own]), kk + 1)
+            position = np.searchsorted(members, own)
+            is_self = ids == position[:, None]
+            is_self[~is_self.any(axis=1), -1] = True
+            others = found[~is_self].reshape(own.size, kk)
+            best[inside] = np.minimum(best[inside], self._to_distance(others).mean(axis=1))
+        return best
+
+    def _build_indexes(self, prepared: np.ndarray) -> list[faiss.Index]:
+        indexes = []
+        for members in self._groups:
+            index = faiss.IndexFlatIP(self.dim) if self._metric == 'cosine' else faiss.IndexFlatL2(prepared.shape[1])
+            index.add(np.ascontiguousarray(prepared[members]))
+            indexes.append(index)
+        return indexes
+
+    def _fit_transform(self, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean, W) such that ``(x - mean) @ W`` (or ``* W`` for a vector W) is the metric's space."""
+        if self._metric == 'cosine':
+            return None
+        x = bank.astype(np.float64)
+        mean = x.mean(axis=0)
+        if self._metric == 'euclidean':
+            # Distances do not change under translation, but faiss computes
+            # squared L2 as |x|^2 + |y|^2 - 2xy in float32, which loses small
+            # distances to cancellation when embeddings share a large offset.
+            return mean, np.ones(x.shape[1])
+        centred = x - mean
+        std = _floored_scale(centred.std(axis=0))
+        if self._metric == 'std-euclidean' or self._shrinkage == 1.0:
+            return mean, 1.0 / std
+        cov = (1.0 - self._shrinkage) * (centred.T @ centred) / x.shape[0]
+        cov[np.diag_indices_from(cov)] += self._shrinkage * std**2
+        values, vectors = np.linalg.eigh(cov)
+        values = np.maximum(values, values.max() * _STD_FLOOR**2)
+        return mean, vectors / np.sqrt(values)
+
+    @staticmethod
+    def _prepare(x: np.ndarray, transform: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Map float32 rows into the space where faiss's flat index measures the metric."""
+        x64 = x.astype(np.float64)
+        if transform is None:
+            # Cosine: a zero vector stays zero (similarity 0, distance 1) instead of nan.
+            norms = np.linalg.norm(x64, axis=1, keepdims=True)
+            out = x64 / np.maximum(norms, np.finfo(np.float64).tiny)
+        else:
+            mean, w = transform
+            out = (x64 - mean) * w if w.ndim == 1 else (x64 - mean) @ w
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _to_distance(self, found: np.ndarray) -> np.ndarray:
+        """Turn faiss results (similarities or squared L2) into distances."""
+        found = found.astype(np.float64)
+        if self._metric == 'cosine':
+            # float32 rounding can push a similarity just past +-1.
+            return np.clip(1.0 - found, 0.0, 2.0)
+        return np.sqrt(np.maximum(found, 0.0))
+
+
+def _as_matrix(x: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
+    """Validate a [rows, D] array of finite numbers and return it as float32."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise KnnError(f"{what}: not an array ({exc})") from None
+    if arr.dtype.kind not in 'fiu':
+        raise KnnError(f"{what}: expected a numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise KnnError(f"{what}: expected a 2-D array [rows, dim], got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise KnnError(f"{what}: embeddings have dimension 0")
+    if dim is not None and arr.shape[1] != dim:
+        raise KnnError(f"{what}: dimension {arr.shape[1]} does not match the bank's {dim}")
+    with np.errstate(over='ignore'):  # overflow is reported below as a KnnError
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise KnnError(f"{what}: row {bad} contains NaN or Inf (or overflows float32)")
+    return arr
+
+
+def _condition_labels(conditions: Sequence[str] | None, n: int) -> np.ndarray:
+    """Validate per-embedding condition names; no conditions means one condition."""
+    if conditions is None:
+        return np.full(n, '', dtype=object)
+    labels = list(conditions)
+    if len(labels) != n:
+        raise KnnError(f"conditions: {len(labels)} labels for {n} bank embeddings")
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise KnnError(f"conditions: label {i} is {label!r}, expected a string")
+    return np.array(labels, dtype=object)
+
+
+def _floored_scale(std: np.ndarray) -> np.ndarray:
+    """Floor stds [.., D] at _STD_FLOOR times the row's largest std.
+
+    If every dimension is constant there is no scale to be relative to, and
+    standardisation reduces to centring (scale 1).
+    """
+    top = std.max(axis=-1, keepdims=True)
+    return np.where(top > 0, np.maximum(std, top * _STD_FLOOR), 1.0)
