@@ -112,9 +112,26 @@ def load_cnn(checkpoint: Path | None = None) -> AisfxCnn:
     load checkpoints you trust.
     """
     path = checkpoint or packaged_checkpoint()
-    state, _datasets = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises pickle, zip and OS errors alike
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
+    if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[0], dict)):
+        raise CheckpointError(f"{path}: not an aisfx checkpoint (expected a (state_dict, datasets) pair)")
     prefix = "embedding_net."
-    cnn_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    cnn_state = {k[len(prefix):]: v for k, v in loaded[0].items() if k.startswith(prefix)}
     cnn = AisfxCnn()
-    cnn.load_state_dict(cnn_state, strict=True)
+    try:
+        cnn.load_state_dict(cnn_state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the aisfx CNN ({_first_line(exc)})") from None
     return cnn.eval()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not the one this exporter expects."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

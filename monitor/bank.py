@@ -51,7 +51,8 @@ _VERSION_RE = re.compile(r'v\d{6}')
 # Backbone names become file names, so they are restricted to a safe set.
 _BACKBONE_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 _TMP_PREFIX = '.tmp-'
-_ITEM_FIELDS = ('source', 'offset_s', 'condition', 'enrolled_at')
+_REQUIRED_ITEM_FIELDS = ('source', 'offset_s', 'condition', 'enrolled_at')
+_ITEM_FIELDS = (*_REQUIRED_ITEM_FIELDS, 'level_dbfs')
 
 
 class BankError(ValueError):
@@ -70,15 +71,20 @@ class BankItem:
     offset_s: float
     condition: str
     enrolled_at: str
+    # RMS level of the window's audio; the sensor check compares live levels with it.
+    level_dbfs: float | None = None
 
     def __post_init__(self) -> None:
         for name in ('source', 'condition', 'enrolled_at'):
             if not isinstance(getattr(self, name), str):
                 raise BankError(f"bank item: {name} must be a string, got {getattr(self, name)!r}")
-        offset = self.offset_s
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-            raise BankError(f"bank item: offset_s must be a finite number, got {offset!r}")
-        object.__setattr__(self, 'offset_s', float(offset))
+        for name in ('offset_s', 'level_dbfs'):
+            value = getattr(self, name)
+            if value is None and name == 'level_dbfs':
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BankError(f"bank item: {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
 
 @dataclass
@@ -523,7 +529,7 @@ def _parse_items(path: Path, data: bytes) -> list[BankItem]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BankError(f"bank {path}: line {number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or set(record) != set(_ITEM_FIELDS):
+        if not isinstance(record, dict) or not set(_REQUIRED_ITEM_FIELDS) <= set(record) <= set(_ITEM_FIELDS):
             raise BankError(f"bank {path}: line {number}: expected an object with keys {', '.join(_ITEM_FIELDS)}")
         try:
             items.append(BankItem(**record))

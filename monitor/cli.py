@@ -81,7 +81,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     detector = Detector.from_config(_config(args))
     detector.fit(BankStore(args.bank).load())
-    threshold = detector.config.fusion.threshold
+    threshold = detector.config.alerts.threshold
     rows = []
     for path in find_audio(args.paths):
         embedded = detector.embed(load_audio(path))

@@ -52,10 +52,127 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How per-backbone ranks are combined, and the fused rank above which a window is anomalous."""
+    """How per-backbone ranks are combined."""
 
     rule: Literal["mean", "max"] = "mean"
-    threshold: float = field(default=0.9, metadata=_range(0.0, 1.0, exclusive_min=True))
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """When windows become an alert.
+
+    A window is anomalous when its fused rank exceeds ``threshold`` (0.99: above 99 % of what
+    normal audio scored). An alert is raised when ``raise_count`` of the last ``raise_window``
+    windows were anomalous (one odd window is not a fault), and cleared after ``clear_count``
+    consecutive windows below ``clear_threshold``. After a clear, no new alert is raised for
+    ``cooldown_seconds``, so a machine hovering at the threshold does not flood the plant.
+    """
+
+    threshold: float = field(default=0.99, metadata=_range(0.0, 1.0, exclusive_min=True))
+    raise_count: int = field(default=3, metadata=_range(1))
+    raise_window: int = field(default=5, metadata=_range(1))
+    clear_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0, exclusive_min=True))
+    clear_count: int = field(default=6, metadata=_range(1))
+    cooldown_seconds: float = field(default=300.0, metadata=_range(0.0))
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """The rolling part of the rank reference: recent windows that did not alarm."""
+
+    rolling_size: int = field(default=360, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    """Sensor checks run on every window before it is scored; a faulty window is never 'normal'."""
+
+    silence_dbfs: float = -90.0  # RMS below this: digital silence / dead microphone
+    level_drop_db: float = field(default=30.0, metadata=_range(0.0))  # this far below the enrolled level
+    clip_level: float = field(default=0.999, metadata=_range(0.0, 1.0, exclusive_min=True))
+    clip_fraction: float = field(default=0.001, metadata=_range(0.0, 1.0, exclusive_min=True))
+    dropout_ms: float = field(default=50.0, metadata=_range(0.0, exclusive_min=True))  # run of exact zeros
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where audio comes from. ``microphone``: a sounddevice input (device by name or index,
+    None = the system default). ``file``: WAV/FLAC files or folders replayed as a stream."""
+
+    name: str
+    type: Literal["microphone", "file"]
+    device: str | int | None = None  # a name (substring match) or an index
+    sample_rate: int = field(default=16000, metadata=_range(1000))
+    channels: int = field(default=1, metadata=_range(1))
+    block_size: int = field(default=1600, metadata=_range(16))
+    paths: list[Path] = field(default_factory=list)
+    speed: float = field(default=1.0, metadata=_range(0.0, exclusive_min=True))  # 0 < speed; inf not allowed
+    loop: bool = False
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """One monitored machine: a channel of a source, with its own bank, reference and alerts."""
+
+    name: str
+    source: str
+    channel: int = field(default=0, metadata=_range(0))
+    bank: Path | None = None  # default: <state_dir>/banks/<name>
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """MQTT output. The password is read from ``password_file`` or the environment variable
+    named by ``password_env``, never from this file, and is never logged."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=1883, metadata=_range(1, 65535))
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    keepalive: int = field(default=30, metadata=_range(5))
+    topic_prefix: str = "asd"
+    site: str = "default"
+    publish_scores: bool = True
+    homeassistant_discovery: bool = False
+    discovery_prefix: str = "homeassistant"
+    outbox_max_messages: int = field(default=100000, metadata=_range(10))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=9464, metadata=_range(0, 65535))
+
+
+@dataclass(frozen=True)
+class ClipsConfig:
+    """Audio of alarming windows, saved as FLAC for the technician, within a retention bound."""
+
+    enabled: bool = True
+    max_files: int = field(default=500, metadata=_range(1))
+    max_megabytes: float = field(default=500.0, metadata=_range(0.0, exclusive_min=True))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    name: str = "asd-monitor"
+    state_dir: Path = Path("/var/lib/asd-monitor")
+    hop_seconds: float = field(default=10.0, metadata=_range(0.0, exclusive_min=True))
+    queue_size: int = field(default=8, metadata=_range(1))
+    event_log: Path | None = None  # default: <state_dir>/events.jsonl
 
 
 @dataclass(frozen=True)
@@ -74,6 +191,15 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    sensor: SensorConfig = field(default_factory=SensorConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    machines: list[MachineConfig] = field(default_factory=list)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    clips: ClipsConfig = field(default_factory=ClipsConfig)
 
     def weights(self) -> dict[str, float]:
         return {b.model: b.weight for b in self.backbones}
@@ -105,12 +231,50 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
 def _check_config(config: Config, source: str) -> None:
     if not config.backbones:
         raise ConfigError(f"{source}: backbones: at least one backbone is required")
-    names = [b.model for b in config.backbones]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"{source}: backbones: listed twice: {', '.join(duplicates)}")
+    _check_unique(source, "backbones", [b.model for b in config.backbones])
     if all(b.weight == 0 for b in config.backbones):
         raise ConfigError(f"{source}: backbones: every weight is 0, nothing would be scored")
+    alerts = config.alerts
+    if alerts.raise_count > alerts.raise_window:
+        raise ConfigError(f"{source}: alerts.raise_count: {alerts.raise_count} cannot exceed alerts.raise_window {alerts.raise_window}")
+    if alerts.clear_threshold > alerts.threshold:
+        raise ConfigError(f"{source}: alerts.clear_threshold: {alerts.clear_threshold:g} must not exceed alerts.threshold {alerts.threshold:g}")
+    _check_unique(source, "sources", [s.name for s in config.sources])
+    _check_unique(source, "machines", [m.name for m in config.machines])
+    sources = {s.name: s for s in config.sources}
+    for i, src in enumerate(config.sources):
+        if src.type == "file" and not src.paths:
+            raise ConfigError(f"{source}: sources[{i}].paths: a file source needs at least one path")
+        for j, path in enumerate(src.paths):
+            if not path.exists():
+                raise ConfigError(f"{source}: sources[{i}].paths[{j}]: {path} does not exist")
+    for i, machine in enumerate(config.machines):
+        if machine.source not in sources:
+            raise ConfigError(f"{source}: machines[{i}].source: unknown source {machine.source!r} (defined: {', '.join(sources) or 'none'})")
+        if machine.channel >= sources[machine.source].channels:
+            raise ConfigError(f"{source}: machines[{i}].channel: {machine.channel} but source {machine.source!r} has {sources[machine.source].channels} channel(s)")
+    mqtt = config.mqtt
+    if mqtt.password_file is not None and not mqtt.password_file.is_file():
+        raise ConfigError(f"{source}: mqtt.password_file: {mqtt.password_file} does not exist")
+    if mqtt.password_file is not None and mqtt.password_env is not None:
+        raise ConfigError(f"{source}: mqtt.password_env: give password_file or password_env, not both")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(mqtt.tls, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{source}: mqtt.tls.{key}: {path} does not exist")
+    for key in ("topic_prefix", "site"):
+        value = getattr(mqtt, key)
+        if any(c in value for c in "+#/"):
+            raise ConfigError(f"{source}: mqtt.{key}: {value!r} must not contain '+', '#' or '/'")
+    for i, machine in enumerate(config.machines):
+        if any(c in machine.name for c in "+#/") or machine.name != machine.name.strip():
+            raise ConfigError(f"{source}: machines[{i}].name: {machine.name!r} must not contain '+', '#', '/' or outer spaces")
+
+
+def _check_unique(source: str, key: str, names: list[str]) -> None:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: {key}: name used twice: {', '.join(duplicates)}")
 
 
 def _describe(value: Any) -> str:
@@ -153,8 +317,15 @@ def _convert(hint: Any, value: Any, key: str, source: str, meta: typing.Mapping)
             raise ConfigError(f"{source}: {key}: expected a list, got {_describe(value)}")
         return [_convert(item, v, f"{key}[{i}]", source, meta) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, key, source, meta)
+        for candidate in args[:-1]:
+            try:
+                return _convert(candidate, value, key, source, meta)
+            except ConfigError:
+                continue
+        return _convert(args[-1], value, key, source, meta)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key}: expected true or false, got {_describe(value)}")

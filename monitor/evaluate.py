@@ -82,7 +82,7 @@ def evaluate_machine(detector: Detector, machine: str, clips: Sequence[Clip], pr
         scores = detector.score(emb.embeddings)
         for name in names:
             raw[name][i] = scores.raw[name].max()
-        decisions[i] = bool((scores.fused > detector.config.fusion.threshold).any())
+        decisions[i] = bool((scores.fused > detector.config.alerts.threshold).any())
     fused = fuse({n: self_rank(raw[n]) for n in names}, detector.weights, detector.config.fusion.rule)
     result = MachineResult(machine, list(test), raw, fused, decisions)
     labelled = [i for i, c in enumerate(test) if c.label is not None]
@@ -121,7 +121,8 @@ def summarise(results: Sequence[MachineResult], detector: Detector, root: Path, 
             for b in detector.backbones
         },
         "scoring": {"k": detector.config.scoring.k, "shrinkage": detector.config.scoring.shrinkage},
-        "fusion": {"rule": detector.config.fusion.rule, "threshold": detector.config.fusion.threshold},
+        "fusion": {"rule": detector.config.fusion.rule},
+        "decision_threshold": detector.config.alerts.threshold,
         "machines": per_machine,
         "systems": overall,
         "official_score": overall[FUSED],

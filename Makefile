@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Each sets up what it needs first; both are idempotent.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test setup setup-test system-packages clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[cpu]'
+	touch $@
+
+# torch is pinned to 2.13.0 (see pyproject.toml); aisfx carries the built-in CNN's weights and
+# pins an old numpy, hence --no-deps.
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e '.[cpu,export,test]'
+	$(PIP) --no-deps aisfx==0.1.2
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+system-packages:
+	scripts/system-packages.sh
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/asd-monitor demo
+
+test: system-packages $(VENV)/.test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,119 @@
+"""Messages the daemon sends to the plant: versioned JSON payloads and their MQTT topics.
+
+Subscribers parse these, so field names and meanings only change with the schema version.
+Times are ISO 8601 UTC with milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+ALERT_SCHEMA = "asd.alert/1"
+SCORE_SCHEMA = "asd.score/1"
+STATE_SCHEMA = "asd.state/1"
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+def iso_time(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class BackboneScore:
+    score: float  # raw KNN distance (scale depends on the backbone)
+    rank: float  # share of the reference below it, in [0, 1]
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """A raise or a clear. Both carry the episode's ``event_id``, so a subscriber can pair them
+    and drop duplicates (delivery is at least once)."""
+
+    event_id: str
+    type: Literal["raise", "clear"]
+    site: str
+    machine: str
+    start: str  # first anomalous window's start (raise) / the episode's start (clear)
+    end: str  # last window's end
+    fused_rank: float
+    threshold: float
+    backbones: dict[str, BackboneScore]
+    condition: str | None  # the enrolled operating condition nearest to the audio
+    clip: str | None  # FLAC of the alarming window, or None
+    clip_error: str | None = None  # why no clip was saved (disk full, disabled, ...)
+    schema: str = ALERT_SCHEMA
+
+    def to_json(self) -> str:
+        return _dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class ScoreMessage:
+    """Per-window score (QoS 0: a lost one is harmless, the next comes in ``hop`` seconds)."""
+
+    site: str
+    machine: str
+    start: str
+    end: str
+    status: Literal["ok", "sensor_fault", "idle"]
+    fused_rank: float | None
+    anomalous: bool
+    backbones: dict[str, BackboneScore] = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)
+    schema: str = SCORE_SCHEMA
+
+    def to_json(self) -> str:
+        return _dumps(asdict(self))
+
+
+@dataclass(frozen=True)
+class StateMessage:
+    """A machine's current state, retained so a new subscriber learns it at once."""
+
+    site: str
+    machine: str
+    state: Literal["normal", "alert", "sensor_fault", "idle", "starting", "enrolling"]
+    since: str
+    detail: str = ""
+    event_id: str | None = None  # the open alert's id while state == "alert"
+    schema: str = STATE_SCHEMA
+
+    def to_json(self) -> str:
+        return _dumps(asdict(self))
+
+
+def _dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic layout: ``<prefix>/<site>/<machine>/{alert,score,state,cmd/...}`` and one
+    availability topic per daemon, ``<prefix>/<site>/<daemon>/status`` (``online``/``offline``,
+    retained, ``offline`` also as the last will: one MQTT connection has one will)."""
+
+    prefix: str
+    site: str
+    daemon: str
+
+    def status(self) -> str:
+        return f"{self.prefix}/{self.site}/{self.daemon}/status"
+
+    def alert(self, machine: str) -> str:
+        return f"{self.prefix}/{self.site}/{machine}/alert"
+
+    def score(self, machine: str) -> str:
+        return f"{self.prefix}/{self.site}/{machine}/score"
+
+    def state(self, machine: str) -> str:
+        return f"{self.prefix}/{self.site}/{machine}/state"
+
+    def commands(self) -> str:
+        return f"{self.prefix}/{self.site}/+/cmd/#"
+
+    def discovery(self, discovery_prefix: str, machine: str) -> str:
+        return f"{discovery_prefix}/binary_sensor/{self.prefix}_{self.site}_{machine}/config"
