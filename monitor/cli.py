@@ -12,15 +12,12 @@ import json
 import logging
 import sys
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
-
-import numpy as np
 
 from monitor import __version__
 from monitor.audio import AudioError, load_audio
 from monitor.backbone import BackboneError, builtin_names
-from monitor.bank import Bank, BankError, BankItem, BankNotFound, BankStore
+from monitor.bank import BankError, BankStore
 from monitor.config import BackboneConfig, Config, ConfigError, load_config
 from monitor.dataset import DatasetError, find_audio
 from monitor.detector import Detector
@@ -55,26 +52,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from monitor.enroll import enroll_files
+
     detector = Detector.from_config(_config(args))
-    store = BankStore(args.bank)
-    try:
-        bank = Bank() if args.replace else store.load()
-    except BankNotFound:
-        bank = Bank()
     paths = find_audio(args.paths)
-    items, parts = [], {name: [] for name in detector.model_ids}
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    progress = _progress_factory("enroll")(len(paths))
-    for path in paths:
-        embedded = detector.embed(load_audio(path))
-        items += [BankItem(str(path.resolve()), start, args.condition, now) for start in embedded.starts]
-        for name, emb in embedded.embeddings.items():
-            parts[name].append(emb)
-        progress(1)
-    new_bank = bank.add(items, {n: np.concatenate(v) for n, v in parts.items()}, detector.model_ids)
-    version = store.save(new_bank, note=args.note or f"enrolled {len(paths)} file(s), condition {args.condition}")
-    print(f"bank {args.bank}: version {version}, {len(new_bank)} windows "
-          f"({len(items)} new, condition {args.condition}), backbones {', '.join(new_bank.backbones)}")
+    result = enroll_files(detector, BankStore(args.bank), paths, args.condition, args.replace, args.note,
+                          _progress_factory("enroll")(len(paths)))
+    print(f"bank {args.bank}: version {result.version}, {len(result.bank)} windows "
+          f"({result.new_windows} new, condition {args.condition}), backbones {', '.join(result.bank.backbones)}")
     return 0
 
 

@@ -8,6 +8,7 @@ leave-one-out distances, i.e. what normal audio scores) and fuses the ranks.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class Scores:
     raw: dict[str, np.ndarray]
     ranks: dict[str, np.ndarray]
     fused: np.ndarray
+    conditions: list[str]  # nearest enrolled condition per window (by the heaviest backbone)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Detector:
         self.weights = {b.name: spec.weight for b, spec in zip(backbones, config.backbones)}
         self.metrics = {b.name: spec.metric or config.scoring.metric for b, spec in zip(backbones, config.backbones)}
         self._knn: dict[str, KnnScorer] = {}
+        self.last_inference_seconds: dict[str, float] = {}
         self._reference: dict[str, np.ndarray] = {}
         self.bank: Bank | None = None
 
@@ -80,7 +83,9 @@ class Detector:
             if starts is not None and len(backbone_starts) != len(starts):
                 raise BackboneError(f"{audio.source}: backbones cut different numbers of windows")
             starts = backbone_starts
+            began = time.perf_counter()
             embeddings[backbone.name] = backbone.embed(windows)
+            self.last_inference_seconds[backbone.name] = time.perf_counter() - began
         assert starts is not None
         return Embedded(embeddings, starts)
 
@@ -111,12 +116,21 @@ class Detector:
     def reference(self, name: str) -> np.ndarray:
         return self._reference[name]
 
-    def raw_scores(self, embeddings: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def raw_scores(self, embeddings: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """KNN distances per backbone, and the nearest condition by the heaviest backbone."""
         if not self._knn:
             raise RuntimeError("Detector.fit must be called before scoring")
-        return {name: knn.score(embeddings[name]) for name, knn in self._knn.items()}
+        raw, conditions = {}, {}
+        for name, knn in self._knn.items():
+            raw[name], conditions[name] = knn.score_with_conditions(embeddings[name])
+        return raw, conditions[max(self.weights, key=self.weights.__getitem__)]
+
+    def fuse(self, ranks: Mapping[str, np.ndarray]) -> np.ndarray:
+        return fuse(ranks, self.weights, self.config.fusion.rule)
 
     def score(self, embeddings: Mapping[str, np.ndarray]) -> Scores:
-        raw = self.raw_scores(embeddings)
+        """Scores ranked against the anchored reference only (offline use; the daemon ranks
+        against its rolling reference instead)."""
+        raw, conditions = self.raw_scores(embeddings)
         ranks = {name: rank_ratio(self._reference[name], values) for name, values in raw.items()}
-        return Scores(raw, ranks, fuse(ranks, self.weights, self.config.fusion.rule))
+        return Scores(raw, ranks, self.fuse(ranks), conditions)

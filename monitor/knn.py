@@ -118,16 +118,20 @@ class KnnScorer:
 
     def score(self, queries: np.ndarray) -> np.ndarray:
         """Anomaly scores [M] (float64) of queries [M, D]; higher is more anomalous."""
+        return self.score_with_conditions(queries)[0]
+
+    def score_with_conditions(self, queries: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Scores and, per query, the operating condition that gave the minimum (the enrolled
+        condition the audio sounds closest to, which an alert reports)."""
         raw = _as_matrix(queries, 'queries', dim=self.dim)
-        best = np.full(raw.shape[0], np.inf)
-        if raw.shape[0] == 0:
-            return best
-        prepared = self._prepare(raw, self._transform)
-        for members, index in zip(self._groups, self._indexes):
-            kk = min(self._k, members.size)
-            found, _ = index.search(prepared, kk)
-            np.minimum(best, self._to_distance(found).mean(axis=1), out=best)
-        return best
+        per_condition = np.full((len(self._groups), raw.shape[0]), np.inf)
+        if raw.shape[0]:
+            prepared = self._prepare(raw, self._transform)
+            for g, (members, index) in enumerate(zip(self._groups, self._indexes)):
+                found, _ = index.search(prepared, min(self._k, members.size))
+                per_condition[g] = self._to_distance(found).mean(axis=1)
+        nearest = per_condition.argmin(axis=0)
+        return per_condition.min(axis=0, initial=np.inf), [self._names[g] for g in nearest]
 
     def leave_one_out(self) -> np.ndarray:
         """Score [N] of every bank embedding against the bank without itself.

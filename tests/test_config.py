@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from monitor.config import Config, ConfigError, config_from_dict, load_config
+from monitor.config import Config, ConfigError, MachineConfig, SourceConfig, config_from_dict, load_config
 
 REFERENCE = Path(__file__).resolve().parents[1] / "config"
 
@@ -76,3 +79,25 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(path.parent.parent)  # example paths are relative to the repository root
     load_config(path)
+
+
+def _missing_keys(cls: type, mapping: dict, where: str = "") -> list[str]:
+    """Dataclass fields (recursively) without a key in ``mapping``."""
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if name not in mapping:
+            out.append(where + name)
+        elif dataclasses.is_dataclass(hint):
+            out += _missing_keys(hint, mapping[name], f"{where}{name}.")
+    return out
+
+
+def test_reference_config_lists_every_key_with_its_default() -> None:
+    path = REFERENCE / "reference.yaml"
+    assert load_config(path) == Config()
+    assert _missing_keys(Config, yaml.safe_load(path.read_text())) == []
+    # List items (sources, machines) are documented in comments under their key.
+    text = path.read_text()
+    for item in (SourceConfig, MachineConfig):
+        for f in dataclasses.fields(item):
+            assert f"#    {f.name}:" in text or f"#  - {f.name}:" in text, f"{item.__name__}.{f.name} undocumented"
