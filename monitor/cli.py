@@ -24,13 +24,17 @@ from monitor.detector import Detector
 from monitor.fusion import FusionError
 from monitor.knn import KnnError
 from monitor.metadata import ModelMetadataError
+from monitor.mqtt import MqttConfigError
+from monitor.outbox import OutboxError
+from monitor.telemetry import TelemetryError
 
 log = logging.getLogger("asd-monitor")
 
 EXIT_FAILURE = 1
 EXIT_DATA = 65
 EXIT_CONFIG = 78
-DATA_ERRORS = (AudioError, BackboneError, BankError, DatasetError, KnnError, FusionError, ModelMetadataError)
+DATA_ERRORS = (AudioError, BackboneError, BankError, DatasetError, KnnError, FusionError, ModelMetadataError,
+               OutboxError, MqttConfigError, TelemetryError)
 
 
 def _progress_factory(description: str):
@@ -112,21 +116,67 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from monitor.daemon import Daemon
+
+    if args.config is None:
+        print("asd-monitor run: error: --config FILE is required", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    if not config.machines:
+        raise ConfigError(f"{args.config}: machines: nothing to monitor (add a machine and a source)")
+    return run_daemon(Daemon(config))
+
+
+def run_daemon(daemon) -> int:
+    """Start, run until SIGTERM/SIGINT (or the end of a replay), stop cleanly."""
+    import signal
+
+    def request_stop(signum, _frame) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        daemon.stop_event.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        daemon.start()
+        daemon.run()
+    finally:
+        daemon.stop()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: ok ({len(config.machines)} machine(s), {len(config.sources)} source(s), "
+          f"backbones {', '.join(b.model for b in config.backbones)})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Enroll the bundled normal fan clips, then score held-out normal and faulty clips."""
+    """The main job on a machine without a microphone: the real daemon on bundled recordings."""
     import tempfile
 
     from monitor import demo
+    from monitor.daemon import Daemon
 
+    logging.getLogger("asd.console").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
-        bank = args.bank or Path(tmp) / "bank"
-        print(f"== enrolling {len(demo.enroll_clips())} normal fan recordings (MIMII, CC BY-SA 4.0) into {bank}")
-        common = ["-c", str(args.config)] if args.config else []
-        code = main(["enroll", *common, "--replace", "--bank", str(bank), *map(str, demo.enroll_clips())])
-        if code:
-            return code
-        print("== scoring held-out normal recordings, then recordings of a faulty fan")
-        return main(["score", *common, "--bank", str(bank), *map(str, demo.held_out_normal_clips() + demo.anomaly_clips())])
+        state = args.state_dir or Path(tmp)
+        config = demo.demo_config(state, args.speed, _config(args))
+        detector = Detector.from_config(config)
+        print(f"== enrolling {len(demo.enroll_clips())} recordings of a healthy fan (MIMII, CC BY-SA 4.0)")
+        from monitor.enroll import enroll_files
+
+        enrolled = enroll_files(detector, BankStore(demo.bank_dir(state)), demo.enroll_clips(), "default", replace=True)
+        print(f"   bank {demo.bank_dir(state)}: {len(enrolled.bank)} windows")
+        daemon = Daemon(config)
+        print(f"== replaying {len(demo.replay_clips())} recordings at {args.speed:g}x: 30 s healthy, then 50 s of "
+              f"the same fan with a fault ({demo.describe_outputs(config)})")
+        code = run_daemon(daemon)
+        print(f"== done: {daemon.windows_processed} windows scored; events in {config.daemon.state_dir / 'events.jsonl'}"
+              if args.state_dir else f"== done: {daemon.windows_processed} windows scored")
+        return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,8 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", parents=[common], help="enroll and score the bundled real fan recordings")
-    p.add_argument("--bank", type=Path, help="keep the demo bank here (default: a temporary folder)")
+    p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", parents=[common], help="validate a config file without starting anything")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="the daemon on bundled real recordings: enroll a healthy fan, replay healthy then faulty audio")
+    p.add_argument("--state-dir", type=Path, help="keep bank, events and clips here (default: a temporary folder)")
+    p.add_argument("--speed", type=float, default=4.0, help="replay speed, x real time (default: 4)")
     p.set_defaults(func=cmd_demo)
     return parser
 

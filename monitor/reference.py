@@ -5,9 +5,10 @@ audio does. The reference has two parts:
 
 * anchored: the bank's leave-one-out distances (what enrolled normal audio scores against the
   rest of the bank). Never evicted, so a slow drift can never redefine "normal".
-* rolling: distances of recent windows that did not alarm (bounded). It lets the reference
-  follow the room (a neighbouring machine switched on) without learning faults: windows that
-  alarm, and every window while an alert is open, never enter it.
+* rolling: distances of recent clearly normal windows (bounded). It lets the reference follow
+  the room (a neighbouring machine switched on) without learning faults: windows that alarm,
+  windows in the grey zone below the alarm threshold, and every window while an alert is open
+  never enter it (the daemon decides; see ``Daemon._score``).
 """
 
 from __future__ import annotations

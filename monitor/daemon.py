@@ -1,0 +1,402 @@
+"""The daemon, wired in one place: sources -> windows -> scores -> alerts -> MQTT, metrics, logs.
+
+Threads, and why each exists:
+
+* one per source: PortAudio's callback (or the file replayer) copies audio into a ring;
+* one windower per source: cuts its ring into windows every hop and hands each machine on that
+  source its channel, through one bounded queue (when processing falls behind, the oldest
+  window is dropped and counted: the audio path never waits for the models);
+* one worker: sensor checks, embedding, KNN, ranking, alert state, outputs. onnxruntime already
+  uses the cores inside each call, so one worker keeps windows in order at no cost in speed;
+* paho's network thread and the outbox delivery thread (``monitor.mqtt``), and the metrics
+  HTTP server.
+
+The main thread only waits for a stop request (signal, or the end of a replayed file).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monitor import __version__
+from monitor.alerts import AlertTracker, Transition
+from monitor.audio import Audio
+from monitor.backbone import Backbone
+from monitor.bank import BankNotFound, BankStore
+from monitor.clips import ClipStore
+from monitor.config import Config, MachineConfig
+from monitor.detector import Detector
+from monitor.enroll import enrolled_level
+from monitor.events import EventLog
+from monitor.messages import AlertEvent, BackboneScore, ScoreMessage, StateMessage, Topics, iso_time
+from monitor.mqtt import Publisher, discovery_payload
+from monitor.outbox import Outbox
+from monitor.reference import RollingReference
+from monitor.ring import Window, Windower
+from monitor.sensor import check_window
+from monitor.sources import AudioDeviceError, AudioSource, FileSource, MicrophoneSource, make_source
+from monitor.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+console = logging.getLogger("asd.console")
+
+STOP_POLL_SECONDS = 0.5
+
+
+@dataclass
+class Machine:
+    """Everything the worker keeps per monitored machine."""
+
+    config: MachineConfig
+    source: AudioSource
+    store: BankStore
+    detector: Detector | None = None  # None until a bank is enrolled
+    references: dict[str, RollingReference] = field(default_factory=dict)
+    level_dbfs: float | None = None
+    tracker: AlertTracker | None = None
+    state: str = "starting"
+    bank_version: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class QueuedWindow:
+    machine: Machine
+    window: Window
+    ready: float  # time.monotonic() when the window's last sample was available
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = Path(config.daemon.state_dir)
+        self.telemetry = Telemetry()
+        self.topics = Topics(config.mqtt.topic_prefix, config.mqtt.site, config.daemon.name)
+        self.backbones: list[Backbone] = []
+        self.sources: dict[str, AudioSource] = {}
+        self.machines: list[Machine] = []
+        self.queue: queue.Queue[QueuedWindow] = queue.Queue(maxsize=config.daemon.queue_size)
+        self.stop_event = threading.Event()
+        self.publisher: Publisher | None = None
+        self.events: EventLog | None = None
+        self.clips: ClipStore | None = None
+        self._threads: list[threading.Thread] = []
+        self._queue_lock = threading.Lock()
+        self.windows_processed = 0
+
+    # ---------------------------------------------------------------- start-up
+    def start(self) -> None:
+        """Load models and banks, open outputs, start audio. Raises on any start-up problem,
+        before audio starts, so a bad setup never half-runs."""
+        cfg = self.config
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.backbones = [Backbone.load(b.model, cfg.runtime.provider, cfg.runtime.threads) for b in cfg.backbones]
+        self.sources = {s.name: make_source(s) for s in cfg.sources}
+        self.machines = [self._make_machine(m) for m in cfg.machines]
+        self.events = EventLog(cfg.daemon.event_log or self.state_dir / "events.jsonl")
+        self.clips = ClipStore(self.state_dir / "clips", cfg.clips)
+        if cfg.metrics.enabled:
+            self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
+            log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, self.telemetry.port)
+        if cfg.mqtt.enabled:
+            self._start_mqtt()
+        for machine in self.machines:
+            self._load_bank(machine)
+        for source in self.sources.values():
+            self._start_source(source)
+        self._spawn(self._work, "worker")
+        self.events.write("started", version=__version__, machines=[m.name for m in self.machines])
+        log.info("started: %d machine(s), backbones %s", len(self.machines), ", ".join(b.name for b in self.backbones))
+
+    def _make_machine(self, cfg: MachineConfig) -> Machine:
+        bank_dir = cfg.bank or self.state_dir / "banks" / cfg.name
+        machine = Machine(cfg, self.sources[cfg.source], BankStore(bank_dir))
+        self.telemetry.add_machine(cfg.name, [b.name for b in self.backbones])
+        return machine
+
+    def _load_bank(self, machine: Machine) -> None:
+        """Fit the machine's detector on its current bank (a missing bank leaves it idle)."""
+        try:
+            bank = machine.store.load()
+        except BankNotFound:
+            log.warning("%s: no bank in %s: windows are not scored until one is enrolled "
+                        "(asd-monitor enroll --bank %s ...)", machine.name, machine.store.path, machine.store.path)
+            self._set_state(machine, "idle", "no bank enrolled")
+            return
+        detector = Detector(self.backbones, self.config)
+        detector.fit(bank)
+        machine.detector = detector
+        machine.references = {
+            b.name: RollingReference(detector.reference(b.name), self.config.reference.rolling_size)
+            for b in self.backbones
+        }
+        machine.level_dbfs = enrolled_level(bank)
+        machine.tracker = AlertTracker(machine.name, self.config.alerts)
+        machine.bank_version = bank.version
+        self.telemetry.set_bank(machine.name, bank.version or "", {n: len(bank) for n in bank.backbones})
+        self.events.write("bank", machine=machine.name, version=bank.version, windows=len(bank))
+        self._set_state(machine, "normal", f"bank {bank.version}")
+
+    def _start_mqtt(self) -> None:
+        cfg = self.config.mqtt
+        outbox = Outbox(self.state_dir / "outbox.sqlite", cfg.outbox_max_messages)
+        self.publisher = Publisher(cfg, self.topics, outbox)
+        self.publisher.on_connection_change = self._on_mqtt_connection
+        self.publisher.start()
+        if cfg.homeassistant_discovery:
+            for machine in self.config.machines:
+                topic, payload = discovery_payload(self.topics, machine.name, cfg.discovery_prefix)
+                self.publisher.publish_reliable(topic, payload, retain=True)
+
+    def _on_mqtt_connection(self, connected: bool) -> None:
+        self.telemetry.set_mqtt_connected(connected)
+        log.info("MQTT %s %s:%s", "connected to" if connected else "disconnected from",
+                 self.config.mqtt.host, self.config.mqtt.port)
+
+    def _start_source(self, source: AudioSource) -> None:
+        window = round(self.backbones[0].meta.window_seconds * source.sample_rate)
+        hop = round(self.config.daemon.hop_seconds * source.sample_rate)
+        windower = Windower(source.ring, window, hop)
+        if isinstance(source, MicrophoneSource):
+            # A missing microphone is a sensor fault to report and retry, not a reason to exit
+            # (systemd would only restart us into the same missing device).
+            try:
+                source.start()
+            except AudioDeviceError as exc:
+                log.error("%s", exc)
+                source.error = str(exc)
+            self._spawn(lambda: source.run_supervised(self.stop_event), f"supervise-{source.name}")
+        else:
+            source.start()
+        self._spawn(lambda: self._cut_windows(source, windower), f"windows-{source.name}")
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # ------------------------------------------------------------- audio path
+    def _cut_windows(self, source: AudioSource, windower: Windower) -> None:
+        """Hand each window of ``source`` to every machine listening to it (never blocks on
+        the worker: a full queue loses its oldest window)."""
+        machines = [m for m in self.machines if m.source is source]
+        skipped = 0
+        overflows = 0
+        while not self.stop_event.is_set():
+            window = windower.next_window(STOP_POLL_SECONDS)
+            if windower.skipped_windows > skipped:
+                for machine in machines:
+                    for _ in range(windower.skipped_windows - skipped):
+                        self.telemetry.window(machine.name, "dropped")
+                skipped = windower.skipped_windows
+            if source.overflows > overflows:
+                self.telemetry.audio_overflow(source.name, source.overflows - overflows)
+                overflows = source.overflows
+            if window is None:
+                if isinstance(source, FileSource) and source.finished.is_set() and not self._has_full_window(source, windower):
+                    break
+                continue
+            ready = time.monotonic()
+            for machine in machines:
+                item = QueuedWindow(machine, window, ready)
+                # A replayed file can wait for the models (every window gets scored); a
+                # microphone cannot, so live audio drops the oldest queued window instead.
+                self._wait_enqueue(item) if isinstance(source, FileSource) else self._enqueue(item)
+        log.debug("windower of %s stopped", source.name)
+
+    @staticmethod
+    def _has_full_window(source: AudioSource, windower: Windower) -> bool:
+        return source.ring.frames_written >= windower.next_start + windower.window_frames
+
+    def _enqueue(self, item: QueuedWindow) -> None:
+        with self._queue_lock:
+            while True:
+                try:
+                    self.queue.put_nowait(item)
+                    break
+                except queue.Full:
+                    try:
+                        dropped = self.queue.get_nowait()
+                    except queue.Empty:
+                        continue
+                    self.queue.task_done()
+                    self.telemetry.window(dropped.machine.name, "dropped")
+                    log.warning("%s: processing fell behind, dropped the window at %s",
+                                dropped.machine.name, iso_time(dropped.window.start_time))
+            self.telemetry.set_queue_depth(self.queue.qsize())
+
+    def _wait_enqueue(self, item: QueuedWindow) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=STOP_POLL_SECONDS)
+                self.telemetry.set_queue_depth(self.queue.qsize())
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        while not self.stop_event.is_set() or not self.queue.empty():
+            try:
+                item = self.queue.get(timeout=STOP_POLL_SECONDS)
+            except queue.Empty:
+                continue
+            try:
+                self.process(item)
+            except Exception:  # one bad window must not end monitoring of every machine
+                log.exception("%s: processing the window at %s failed", item.machine.name,
+                              iso_time(item.window.start_time))
+            finally:
+                self.queue.task_done()
+                self.telemetry.set_queue_depth(self.queue.qsize())
+
+    # -------------------------------------------------------- one window
+    def process(self, item: QueuedWindow) -> None:
+        machine, window = item.machine, item.window
+        rate = machine.source.sample_rate
+        samples = window.samples[:, machine.config.channel]
+        start = window.start_time
+        end = start + len(samples) / rate
+        report = check_window(samples, rate, self.config.sensor, machine.level_dbfs)
+        faults = list(report.faults) + (["device"] if machine.source.error else [])
+        if faults:
+            self._sensor_fault(machine, start, end, faults, report.rms_dbfs)
+        elif machine.detector is None:
+            self.telemetry.window(machine.name, "idle")
+            self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end),
+                                             "idle", None, False))
+        else:
+            self._score(machine, samples, rate, start, end)
+        self.telemetry.observe_latency(machine.name, time.monotonic() - item.ready)
+        if self.publisher is not None:
+            self.telemetry.set_mqtt_outbox(self.publisher.outbox_depth)
+        self.windows_processed += 1
+
+    def _score(self, machine: Machine, samples, rate: int, start: float, end: float) -> None:
+        detector, tracker = machine.detector, machine.tracker
+        embedded = detector.embed(Audio(samples, rate, machine.name))
+        for name, seconds in detector.last_inference_seconds.items():
+            self.telemetry.observe_inference(name, seconds)
+        raw, conditions = detector.raw_scores(embedded.embeddings)
+        scores = {name: float(values[0]) for name, values in raw.items()}
+        ranks = {name: machine.references[name].rank(score) for name, score in scores.items()}
+        fused = float(detector.fuse({name: [rank] for name, rank in ranks.items()})[0])
+        backbones = {name: BackboneScore(scores[name], ranks[name]) for name in scores}
+        anomalous = tracker.is_anomalous(fused)
+        transition = tracker.update(start, end, fused)
+        # Only clearly normal windows teach the reference: a window between the clear and the
+        # raise threshold may be a fault building up, and learning it would hide the fault.
+        if fused < self.config.alerts.clear_threshold and not tracker.alerting:
+            for name, score in scores.items():
+                machine.references[name].add(score)
+        self.telemetry.window(machine.name, "ok")
+        self.telemetry.set_ranks(machine.name, fused, backbones)
+        self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end), "ok",
+                                         fused, anomalous, backbones))
+        console.info("%-12s %s  fused %.3f%s  %s", machine.name, iso_time(start)[11:19], fused,
+                     " ANOMALOUS" if anomalous else "",
+                     "  ".join(f"{n} {r.rank:.3f} ({r.score:.3g})" for n, r in backbones.items()))
+        if transition is not None:
+            self._alert(machine, transition, fused, backbones, conditions[0], samples, rate)
+        elif not tracker.alerting and machine.state != "normal":
+            self._set_state(machine, "normal")
+
+    def _alert(self, machine: Machine, transition: Transition, fused: float,
+               backbones: dict[str, BackboneScore], condition: str, samples, rate: int) -> None:
+        clip, clip_error = None, None
+        if transition.type == "raise":
+            saved = self.clips.save(machine.name, transition.end - len(samples) / rate, samples, rate)
+            clip, clip_error = (str(saved.path) if saved.path else None), saved.error
+        event = AlertEvent(transition.event_id, transition.type, self.topics.site, machine.name,
+                           iso_time(transition.start), iso_time(transition.end), fused,
+                           self.config.alerts.threshold, backbones, condition, clip, clip_error)
+        self.telemetry.alert(machine.name, transition.type)
+        self.events.write("alert", **{"alert": event})
+        if self.publisher is not None:
+            self.publisher.publish_reliable(self.topics.alert(machine.name), event.to_json())
+        console.warning("%-12s ALERT %s %s (fused rank %.3f)%s", machine.name, transition.type.upper(),
+                        transition.event_id, fused, f", clip {clip}" if clip else f", no clip: {clip_error}")
+        if transition.type == "raise":
+            self._set_state(machine, "alert", f"fused rank {fused:.3f}", transition.event_id)
+        else:
+            self._set_state(machine, "normal", f"cleared {transition.event_id}")
+
+    def _sensor_fault(self, machine: Machine, start: float, end: float, faults: list[str], level: float) -> None:
+        self.telemetry.window(machine.name, "sensor_fault")
+        for fault in faults:
+            self.telemetry.sensor_fault(machine.name, fault)
+        self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end),
+                                         "sensor_fault", None, False, faults=faults))
+        console.warning("%-12s %s  SENSOR FAULT %s (level %.1f dBFS)", machine.name, iso_time(start)[11:19],
+                        ",".join(faults), level)
+        if machine.state != "sensor_fault":
+            self.events.write("sensor_fault", machine=machine.name, faults=faults, level_dbfs=level,
+                              start=iso_time(start))
+            self._set_state(machine, "sensor_fault", ",".join(faults))
+
+    # ------------------------------------------------------------- outputs
+    def _publish_score(self, message: ScoreMessage) -> None:
+        if self.publisher is not None and self.config.mqtt.publish_scores:
+            self.publisher.publish_volatile(self.topics.score(message.machine), message.to_json())
+
+    def _set_state(self, machine: Machine, state: str, detail: str = "", event_id: str | None = None) -> None:
+        if machine.tracker is not None and machine.tracker.alerting and state not in ("alert", "sensor_fault"):
+            event_id = machine.tracker.open_event
+            state = "alert"
+        if state == machine.state:
+            return
+        machine.state = state
+        self.telemetry.set_state(machine.name, state)
+        message = StateMessage(self.topics.site, machine.name, state, iso_time(time.time()), detail, event_id)
+        if self.events is not None:
+            self.events.write("state", machine=machine.name, state=state, detail=detail)
+        if self.publisher is not None:
+            self.publisher.publish_reliable(self.topics.state(machine.name), message.to_json(), retain=True)
+        log.info("%s: state %s (%s)", machine.name, state, detail)
+
+    # ---------------------------------------------------------------- running
+    def replay_finished(self) -> bool:
+        """True once every source is a file replay that has ended and every window is done."""
+        sources = list(self.sources.values())
+        return (bool(sources) and all(isinstance(s, FileSource) and s.finished.is_set() for s in sources)
+                and not any(t.is_alive() for t in self._threads if t.name.startswith("windows-"))
+                and self.queue.unfinished_tasks == 0)
+
+    def run(self) -> None:
+        """Block until a stop is requested or every replayed file is done."""
+        while not self.stop_event.wait(STOP_POLL_SECONDS):
+            self._check_devices()
+            if self.replay_finished():
+                log.info("replay finished: %d windows processed", self.windows_processed)
+                break
+
+    def _check_devices(self) -> None:
+        """A dead device delivers no windows, so its fault must be reported from here."""
+        for machine in self.machines:
+            error = machine.source.error
+            if error and machine.state != "sensor_fault" and isinstance(machine.source, MicrophoneSource):
+                self.telemetry.sensor_fault(machine.name, "device")
+                self.events.write("sensor_fault", machine=machine.name, faults=["device"], detail=error)
+                self._set_state(machine, "sensor_fault", f"device: {error}")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for source in self.sources.values():
+            source.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self.publisher is not None:
+            self.publisher.stop()
+        self.telemetry.stop()
+        if self.events is not None:
+            self.events.write("stopped", windows=self.windows_processed)
+            self.events.close()
+        log.info("stopped after %d windows", self.windows_processed)
+
