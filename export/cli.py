@@ -1,4 +1,8 @@
-"""``asd-export``: turn backbones into ONNX files for the daemon."""
+"""``asd-export``: turn backbones into ONNX files for the daemon.
+
+Each backbone is a subcommand; the file is written to ``--out``/<name>.onnx and its path
+printed. Exit codes: 0 ok, 1 export failed (bad checkpoint, parity check failed), 2 usage.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from export.builtins import BUILTINS
+from export.registry import EXPORTERS
 
 log = logging.getLogger("asd-export")
 
@@ -16,28 +20,29 @@ ASSETS = Path(__file__).resolve().parent.parent / "monitor" / "assets"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asd-export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="asd-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log the exporter's own steps")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the backbones this exporter knows")
-    for name, builtin in BUILTINS.items():
-        p = sub.add_parser(name, help=f"export {name}: {builtin.summary}")
+    for name, exporter in EXPORTERS.items():
+        p = sub.add_parser(name, help=f"export {name}: {exporter.summary}")
         p.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
-        p.add_argument("--checkpoint", type=Path, help=f"checkpoint ({builtin.checkpoint})")
-        if name == "aisfx":
-            p.add_argument("--no-peak-normalise", action="store_true",
-                           help="keep the input level instead of dividing by the peak (measured worse, see README)")
+        p.add_argument("--checkpoint", type=Path, help=f"checkpoint: {exporter.checkpoint}")
+        p.add_argument("--random-init", action="store_true",
+                       help="random weights instead of a checkpoint (tests, timing)")
+        if exporter.add_arguments:
+            exporter.add_arguments(p)
     p = sub.add_parser("builtins", help="re-export every built-in backbone into the package's assets")
     p.add_argument("--out", type=Path, default=ASSETS, help=f"output folder (default: {ASSETS})")
     return parser
 
 
-def export_one(name: str, out: Path, checkpoint: Path | None = None, peak_normalise: bool = True) -> Path:
+def export_one(args: argparse.Namespace, name: str) -> Path:
     from export.onnx_export import export_backbone  # imports torch.onnx: only when exporting
 
     started = time.perf_counter()
-    module, meta = BUILTINS[name].build(checkpoint, peak_normalise)
-    path = export_backbone(module, meta, out)
+    module, meta = EXPORTERS[name].build(args)
+    path = export_backbone(module, meta, args.out)
     log.info("%s exported in %.1f s, %.1f MB", name, time.perf_counter() - started, path.stat().st_size / 1e6)
     return path
 
@@ -47,15 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "list":
-        for builtin in BUILTINS.values():
-            print(f"{builtin.name:8s} {builtin.summary}\n         licence: {builtin.licence}\n         checkpoint: {builtin.checkpoint}")
+        for e in EXPORTERS.values():
+            kind = "built-in" if e.builtin else "checkpoint"
+            print(f"{e.name:14s} {e.summary} [{kind}]\n{'':14s} licence: {e.licence}\n{'':14s} checkpoint: {e.checkpoint}")
         return 0
     try:
         if args.command == "builtins":
-            for name in BUILTINS:
-                print(export_one(name, args.out))
+            for name, exporter in EXPORTERS.items():
+                if exporter.builtin:
+                    defaults = argparse.Namespace(out=args.out, checkpoint=None, random_init=False)
+                    print(export_one(defaults, name))
             return 0
-        print(export_one(args.command, args.out, args.checkpoint, not getattr(args, "no_peak_normalise", False)))
+        if not EXPORTERS[args.command].builtin and args.checkpoint is None and not args.random_init:
+            print(f"asd-export: error: {args.command} needs --checkpoint FILE (or --random-init)", file=sys.stderr)
+            return 2
+        print(export_one(args, args.command))
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"asd-export: error: {exc}", file=sys.stderr)
         return 1
