@@ -125,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not config.machines:
         raise ConfigError(f"{args.config}: machines: nothing to monitor (add a machine and a source)")
-    return run_daemon(Daemon(config))
+    return run_daemon(Daemon(config, args.config))
 
 
 def run_daemon(daemon) -> int:
@@ -138,6 +138,7 @@ def run_daemon(daemon) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: daemon.reload_requested.set())
     try:
         daemon.start()
         daemon.run()

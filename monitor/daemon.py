@@ -17,22 +17,25 @@ The main thread only waits for a stop request (signal, or the end of a replayed 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from monitor import __version__
 from monitor.alerts import AlertTracker, Transition
 from monitor.audio import Audio
-from monitor.backbone import Backbone
-from monitor.bank import BankNotFound, BankStore
+from monitor.backbone import Backbone, BackboneError
+from monitor.bank import BankError, BankNotFound, BankStore
 from monitor.clips import ClipStore
-from monitor.config import Config, MachineConfig
+from monitor.config import Config, ConfigError, MachineConfig, load_config
 from monitor.detector import Detector
 from monitor.enroll import enrolled_level
 from monitor.events import EventLog
+from monitor.fusion import FusionError
+from monitor.knn import KnnError
 from monitor.messages import AlertEvent, BackboneScore, ScoreMessage, StateMessage, Topics, iso_time
 from monitor.mqtt import Publisher, discovery_payload
 from monitor.outbox import Outbox
@@ -40,12 +43,38 @@ from monitor.reference import RollingReference
 from monitor.ring import Window, Windower
 from monitor.sensor import check_window
 from monitor.sources import AudioDeviceError, AudioSource, FileSource, MicrophoneSource, make_source
+from monitor.systemd import Notifier
 from monitor.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 console = logging.getLogger("asd.console")
 
 STOP_POLL_SECONDS = 0.5
+BANK_CHECK_SECONDS = 2.0  # how soon a bank switched by another process is picked up
+STATUS_SECONDS = 10.0
+# Sections a reload cannot apply to a running daemon.
+RESTART_KEYS = ("backbones", "runtime", "daemon", "sources", "machines", "mqtt", "metrics")
+FAULT_INJECTION_ENV = "ASD_FAULT_INJECTION"
+
+
+def _fault_injection() -> int | None:
+    """``ASD_FAULT_INJECTION=wedge-worker-after=N``: the processing loop hangs after N windows.
+    For the watchdog test under systemd; a production environment never sets it."""
+    value = os.environ.get(FAULT_INJECTION_ENV, "")
+    prefix = "wedge-worker-after="
+    return int(value[len(prefix):]) if value.startswith(prefix) else None
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring a machine's windows needs from its bank. Replaced whole on a bank switch:
+    the worker reads ``machine.scoring`` once per window, so a window is never scored half
+    with the old bank and half with the new, and no lock can starve the switch."""
+
+    detector: Detector
+    references: dict[str, RollingReference]
+    level_dbfs: float | None
+    bank_version: str | None
 
 
 @dataclass
@@ -55,16 +84,17 @@ class Machine:
     config: MachineConfig
     source: AudioSource
     store: BankStore
-    detector: Detector | None = None  # None until a bank is enrolled
-    references: dict[str, RollingReference] = field(default_factory=dict)
-    level_dbfs: float | None = None
-    tracker: AlertTracker | None = None
+    tracker: AlertTracker
+    scoring: Scoring | None = None  # None until a bank is enrolled
     state: str = "starting"
-    bank_version: str | None = None
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def bank_version(self) -> str | None:
+        return self.scoring.bank_version if self.scoring else None
 
 
 @dataclass(frozen=True)
@@ -75,8 +105,12 @@ class QueuedWindow:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.reload_requested = threading.Event()
+        self._wedge_after = _fault_injection()
         self.state_dir = Path(config.daemon.state_dir)
         self.telemetry = Telemetry()
         self.topics = Topics(config.mqtt.topic_prefix, config.mqtt.site, config.daemon.name)
@@ -90,6 +124,7 @@ class Daemon:
         self.clips: ClipStore | None = None
         self._threads: list[threading.Thread] = []
         self._queue_lock = threading.Lock()
+        self._last_ping = 0.0
         self.windows_processed = 0
 
     # ---------------------------------------------------------------- start-up
@@ -115,15 +150,17 @@ class Daemon:
         self._spawn(self._work, "worker")
         self.events.write("started", version=__version__, machines=[m.name for m in self.machines])
         log.info("started: %d machine(s), backbones %s", len(self.machines), ", ".join(b.name for b in self.backbones))
+        self.notifier.ready(self.status_line())
 
     def _make_machine(self, cfg: MachineConfig) -> Machine:
         bank_dir = cfg.bank or self.state_dir / "banks" / cfg.name
-        machine = Machine(cfg, self.sources[cfg.source], BankStore(bank_dir))
+        machine = Machine(cfg, self.sources[cfg.source], BankStore(bank_dir), AlertTracker(cfg.name, self.config.alerts))
         self.telemetry.add_machine(cfg.name, [b.name for b in self.backbones])
         return machine
 
     def _load_bank(self, machine: Machine) -> None:
-        """Fit the machine's detector on its current bank (a missing bank leaves it idle)."""
+        """Fit the machine's detector on its current bank and swap it in (a missing bank
+        leaves the machine idle). Audio keeps flowing meanwhile; see ``Scoring``."""
         try:
             bank = machine.store.load()
         except BankNotFound:
@@ -133,17 +170,18 @@ class Daemon:
             return
         detector = Detector(self.backbones, self.config)
         detector.fit(bank)
-        machine.detector = detector
-        machine.references = {
+        references = {
             b.name: RollingReference(detector.reference(b.name), self.config.reference.rolling_size)
             for b in self.backbones
         }
-        machine.level_dbfs = enrolled_level(bank)
-        machine.tracker = AlertTracker(machine.name, self.config.alerts)
-        machine.bank_version = bank.version
+        previous = machine.bank_version
+        machine.scoring = Scoring(detector, references, enrolled_level(bank), bank.version)
         self.telemetry.set_bank(machine.name, bank.version or "", {n: len(bank) for n in bank.backbones})
-        self.events.write("bank", machine=machine.name, version=bank.version, windows=len(bank))
-        self._set_state(machine, "normal", f"bank {bank.version}")
+        self.events.write("bank", machine=machine.name, version=bank.version, previous=previous, windows=len(bank))
+        log.info("%s: bank %s in use (%d windows)%s", machine.name, bank.version, len(bank),
+                 f", was {previous}" if previous else "")
+        if machine.state in ("starting", "idle"):
+            self._set_state(machine, "normal", f"bank {bank.version}")
 
     def _start_mqtt(self) -> None:
         cfg = self.config.mqtt
@@ -243,11 +281,17 @@ class Daemon:
                 continue
 
     def _work(self) -> None:
+        """The processing loop; it alone pings the systemd watchdog, so a wedged pipeline
+        (not merely a live process) is what gets the daemon restarted."""
         while not self.stop_event.is_set() or not self.queue.empty():
+            self._heartbeat()
             try:
                 item = self.queue.get(timeout=STOP_POLL_SECONDS)
             except queue.Empty:
                 continue
+            if self._wedge_after is not None and self.windows_processed >= self._wedge_after:
+                log.error("fault injection: wedging the processing loop")
+                self.stop_event.wait()
             try:
                 self.process(item)
             except Exception:  # one bad window must not end monitoring of every machine
@@ -257,6 +301,20 @@ class Daemon:
                 self.queue.task_done()
                 self.telemetry.set_queue_depth(self.queue.qsize())
 
+    def _heartbeat(self) -> None:
+        """Ping the watchdog unless the audio path is dead: every windower must be running
+        (a finished replay excepted)."""
+        if self.notifier.watchdog_interval is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping < min(self.notifier.watchdog_interval, 5.0):
+            return
+        windowers = [t for t in self._threads if t.name.startswith("windows-")]
+        replay_done = all(isinstance(s, FileSource) and s.finished.is_set() for s in self.sources.values())
+        if all(t.is_alive() for t in windowers) or replay_done:
+            self.notifier.watchdog()
+            self._last_ping = now
+
     # -------------------------------------------------------- one window
     def process(self, item: QueuedWindow) -> None:
         machine, window = item.machine, item.window
@@ -264,29 +322,30 @@ class Daemon:
         samples = window.samples[:, machine.config.channel]
         start = window.start_time
         end = start + len(samples) / rate
-        report = check_window(samples, rate, self.config.sensor, machine.level_dbfs)
+        scoring = machine.scoring
+        report = check_window(samples, rate, self.config.sensor, scoring.level_dbfs if scoring else None)
         faults = list(report.faults) + (["device"] if machine.source.error else [])
         if faults:
             self._sensor_fault(machine, start, end, faults, report.rms_dbfs)
-        elif machine.detector is None:
+        elif scoring is None:
             self.telemetry.window(machine.name, "idle")
             self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end),
                                              "idle", None, False))
         else:
-            self._score(machine, samples, rate, start, end)
+            self._score(machine, scoring, samples, rate, start, end)
         self.telemetry.observe_latency(machine.name, time.monotonic() - item.ready)
         if self.publisher is not None:
             self.telemetry.set_mqtt_outbox(self.publisher.outbox_depth)
         self.windows_processed += 1
 
-    def _score(self, machine: Machine, samples, rate: int, start: float, end: float) -> None:
-        detector, tracker = machine.detector, machine.tracker
+    def _score(self, machine: Machine, scoring: Scoring, samples, rate: int, start: float, end: float) -> None:
+        detector, tracker = scoring.detector, machine.tracker
         embedded = detector.embed(Audio(samples, rate, machine.name))
         for name, seconds in detector.last_inference_seconds.items():
             self.telemetry.observe_inference(name, seconds)
         raw, conditions = detector.raw_scores(embedded.embeddings)
         scores = {name: float(values[0]) for name, values in raw.items()}
-        ranks = {name: machine.references[name].rank(score) for name, score in scores.items()}
+        ranks = {name: scoring.references[name].rank(score) for name, score in scores.items()}
         fused = float(detector.fuse({name: [rank] for name, rank in ranks.items()})[0])
         backbones = {name: BackboneScore(scores[name], ranks[name]) for name in scores}
         anomalous = tracker.is_anomalous(fused)
@@ -295,7 +354,7 @@ class Daemon:
         # raise threshold may be a fault building up, and learning it would hide the fault.
         if fused < self.config.alerts.clear_threshold and not tracker.alerting:
             for name, score in scores.items():
-                machine.references[name].add(score)
+                scoring.references[name].add(score)
         self.telemetry.window(machine.name, "ok")
         self.telemetry.set_ranks(machine.name, fused, backbones)
         self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end), "ok",
@@ -347,7 +406,7 @@ class Daemon:
             self.publisher.publish_volatile(self.topics.score(message.machine), message.to_json())
 
     def _set_state(self, machine: Machine, state: str, detail: str = "", event_id: str | None = None) -> None:
-        if machine.tracker is not None and machine.tracker.alerting and state not in ("alert", "sensor_fault"):
+        if machine.tracker.alerting and state not in ("alert", "sensor_fault"):
             event_id = machine.tracker.open_event
             state = "alert"
         if state == machine.state:
@@ -370,12 +429,76 @@ class Daemon:
                 and self.queue.unfinished_tasks == 0)
 
     def run(self) -> None:
-        """Block until a stop is requested or every replayed file is done."""
+        """Block until a stop is requested or every replayed file is done; meanwhile report
+        device faults, follow bank versions switched by `asd-monitor bank` or enrollment,
+        reload on SIGHUP, and keep systemd's status line current."""
+        last_status = last_bank_check = 0.0
         while not self.stop_event.wait(STOP_POLL_SECONDS):
             self._check_devices()
+            now = time.monotonic()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            elif now - last_bank_check >= BANK_CHECK_SECONDS:
+                last_bank_check = now
+                self._follow_banks()
+            if now - last_status >= STATUS_SECONDS:
+                last_status = now
+                self.notifier.status(self.status_line())
             if self.replay_finished():
                 log.info("replay finished: %d windows processed", self.windows_processed)
                 break
+
+    def status_line(self) -> str:
+        states = ", ".join(f"{m.name} {m.state}" for m in self.machines)
+        mqtt = "" if self.publisher is None else (
+            f"; MQTT {'up' if self.publisher.connected else 'DOWN'}, outbox {self.publisher.outbox_depth}")
+        return f"{self.windows_processed} windows; {states}{mqtt}"
+
+    def _follow_banks(self) -> None:
+        for machine in self.machines:
+            try:
+                current = machine.store.current()
+            except BankError as exc:
+                log.error("%s: %s", machine.name, exc)
+                continue
+            if current is not None and current != machine.bank_version:
+                self._reload_bank(machine)
+
+    def _reload_bank(self, machine: Machine) -> None:
+        """Switch to the bank's current version; a bad version leaves the good one in use."""
+        try:
+            self._load_bank(machine)
+        except (BankError, BackboneError, FusionError, KnnError) as exc:
+            log.error("%s: keeping bank %s: %s", machine.name, machine.bank_version, exc)
+            self.events.write("bank_error", machine=machine.name, error=str(exc), kept=machine.bank_version)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and every bank, without stopping the audio.
+
+        Thresholds, scoring, fusion, sensor and clip settings apply at once; a changed
+        backbone, source, machine, MQTT or metrics section needs a restart (logged). An
+        invalid file is reported and the running config kept.
+        """
+        self.notifier.reloading()
+        if self.config_path is not None:
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                log.error("reload: %s; keeping the running configuration", exc)
+                self.events.write("reload_error", error=str(exc))
+                new = self.config
+            fixed = [key for key in RESTART_KEYS if getattr(new, key) != getattr(self.config, key)]
+            if fixed:
+                log.warning("reload: changes to %s need a restart; applying the rest", ", ".join(fixed))
+                new = replace(new, **{key: getattr(self.config, key) for key in fixed})
+            self.config = new
+            self.clips = ClipStore(self.state_dir / "clips", new.clips)
+        for machine in self.machines:
+            machine.tracker.config = self.config.alerts
+            self._reload_bank(machine)
+        self.events.write("reloaded")
+        self.notifier.ready(self.status_line())
 
     def _check_devices(self) -> None:
         """A dead device delivers no windows, so its fault must be reported from here."""
@@ -387,6 +510,7 @@ class Daemon:
                 self._set_state(machine, "sensor_fault", f"device: {error}")
 
     def stop(self) -> None:
+        self.notifier.stopping()
         self.stop_event.set()
         for source in self.sources.values():
             source.stop()

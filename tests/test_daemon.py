@@ -281,3 +281,90 @@ def test_microphone_path_raises_on_faulty_sound_and_flags_silence_and_clipping(t
     assert metric("asd_sensor_faults_total", {"machine": "motor", "fault": "silence"}) >= 1
     assert metric("asd_sensor_faults_total", {"machine": "motor", "fault": "clipping"}) >= 1
     assert metric("asd_windows_total", {"machine": "motor", "status": "ok"}) >= 4
+
+
+# ---------------------------------------------------------------- systemd protocol, reload
+
+def _notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import socket as socketlib
+
+    path = tmp_path / "notify.sock"
+    sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    return sock
+
+
+def _drain(sock) -> list[str]:
+    messages = []
+    while True:
+        try:
+            messages += sock.recv(4096).decode().split("\n")
+        except OSError:
+            return messages
+
+
+def test_systemd_notifications_and_watchdog_from_the_processing_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = _notify_socket(tmp_path, monkeypatch)
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), loop=True)
+    enroll(config, tmp_path / "enroll")
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        time.sleep(3.0)
+        messages = _drain(sock)
+        assert "READY=1" in messages and any(m.startswith("STATUS=") and "motor" in m for m in messages)
+        assert messages.count("WATCHDOG=1") >= 2
+        # A wedged processing loop stops the pings even though every other thread lives on.
+        daemon._wedge_after = daemon.windows_processed
+        time.sleep(1.5)
+        _drain(sock)
+        time.sleep(2.5)
+        assert "WATCHDOG=1" not in _drain(sock)
+    finally:
+        daemon._wedge_after = None
+        daemon.stop()
+
+
+def test_reload_switches_bank_versions_without_stopping_audio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = _notify_socket(tmp_path, monkeypatch)
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), loop=True)
+    enroll(config, tmp_path / "enroll")
+    path = _write_yaml(tmp_path / "daemon.yaml", config)
+    daemon = Daemon(config, path)
+    daemon.start()
+    runner = threading.Thread(target=daemon.run)  # the main loop follows banks and reloads
+    runner.start()
+    try:
+        machine = daemon.machines[0]
+        assert machine.bank_version == "v000001"
+        enroll(config, tmp_path / "enroll2", n=3)  # a new version, made by another "process"
+        deadline = time.monotonic() + 10
+        while machine.bank_version != "v000002" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert machine.bank_version == "v000002"  # followed without any signal
+        BankStore(config.daemon.state_dir / "banks" / "motor").set_current("v000001")  # a rollback
+        path.write_text(path.read_text().replace("threshold: 0.9", "threshold: 0.95"))
+        _drain(sock)
+        daemon.reload_requested.set()
+        deadline = time.monotonic() + 10
+        while machine.bank_version != "v000001" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert machine.bank_version == "v000001" and daemon.config.alerts.threshold == 0.95
+        assert "RELOADING=1" in _drain(sock)
+        path.write_text("scoring: {k: 0}\n")  # a broken config is reported and the running one kept
+        daemon.reload_requested.set()
+        time.sleep(1.5)
+        assert daemon.config.alerts.threshold == 0.95
+        processed = daemon.windows_processed
+        time.sleep(1.0)
+        assert daemon.windows_processed > processed  # audio kept flowing throughout
+    finally:
+        daemon.stop_event.set()
+        runner.join()
+        daemon.stop()
+    kinds = [json.loads(line)["kind"] for line in (config.daemon.state_dir / "events.jsonl").read_text().splitlines()]
+    assert "reload_error" in kinds and kinds.count("bank") >= 3
