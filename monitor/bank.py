@@ -31,6 +31,8 @@ import os
 import re
 import secrets
 import shutil
+import tarfile
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -319,6 +321,79 @@ class BankStore:
             _read_version(self._version_dir(version))
             self._write_current(version)
         logger.info("bank %s current version set to %s", self.path, version)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions; the current one is always kept.
+
+        A version is first renamed to a temporary name (atomic: readers never see it half
+        deleted), then removed. Returns the versions removed.
+        """
+        if keep < 1:
+            raise BankError(f"bank prune: keep must be >= 1, got {keep}")
+        with self._lock():
+            current = self.current()
+            versions = self.versions()
+            doomed = [v for v in versions[:-keep] if v != current]
+            for version in doomed:
+                trash = self._versions_dir / f"{_TMP_PREFIX}pruned-{version}"
+                os.rename(self._versions_dir / version, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            if doomed:
+                _fsync_dir(self._versions_dir)
+        logger.info("bank %s: pruned %s", self.path, ", ".join(doomed) or "nothing")
+        return doomed
+
+    def export(self, destination: Path, version: str | None = None) -> str:
+        """Write one verified version as a .tar.gz (for another box or a backup)."""
+        version = version or self.current()
+        if version is None:
+            raise BankNotFound(f"bank {self.path}: nothing to export (no CURRENT)")
+        folder = self._version_dir(version)
+        _read_version(folder)
+        tmp = destination.with_name(destination.name + '.partial')
+        with tarfile.open(tmp, 'w:gz') as archive:
+            archive.add(folder, arcname=version)
+        os.replace(tmp, destination)
+        return version
+
+    def import_archive(self, archive_path: Path, replace_models: bool = False, note: str = '') -> str:
+        """Verify an exported version and save it here as a new current version.
+
+        Refused, with nothing changed, when the archive is not a bank export, fails its
+        checksums, or holds embeddings of other models than this bank's current version
+        (unless ``replace_models``: the daemon's config must then name those models).
+        """
+        try:
+            archive = tarfile.open(archive_path, 'r:gz')
+        except (OSError, tarfile.TarError) as exc:
+            raise BankError(f"bank import {archive_path}: not a bank export ({exc})") from None
+        with archive, tempfile.TemporaryDirectory(prefix='asd-bank-import-') as tmp:
+            members = archive.getmembers()
+            tops = {Path(m.name).parts[0] for m in members if m.name}
+            if len(tops) != 1 or not _VERSION_RE.fullmatch(next(iter(tops))):
+                raise BankError(f"bank import {archive_path}: expected one version folder, found {sorted(tops)[:3]}")
+            unsafe = [m.name for m in members if not (m.isfile() or m.isdir()) or Path(m.name).is_absolute()
+                      or '..' in Path(m.name).parts]
+            if unsafe:
+                raise BankError(f"bank import {archive_path}: refusing unsafe member {unsafe[0]!r}")
+            try:
+                archive.extractall(tmp)  # members checked above (Python < 3.11.4 has no extraction filter)
+            except (OSError, tarfile.TarError) as exc:
+                raise BankError(f"bank import {archive_path}: cannot unpack ({exc})") from None
+            imported = _read_version(Path(tmp) / next(iter(tops)))
+        if not replace_models:
+            try:
+                current = self.load()
+            except BankNotFound:
+                current = None
+            if current is not None and current.model_ids != imported.model_ids:
+                raise BankError(
+                    f"bank import {archive_path}: embeddings of {imported.model_ids} do not match this bank's "
+                    f"{current.model_ids} (another backbone or model version); nothing imported"
+                )
+        fresh = Bank(items=imported.items, embeddings=imported.embeddings, model_ids=imported.model_ids,
+                     parent=self.current() if self.path.is_dir() else None)
+        return self.save(fresh, note=note or f"imported from {Path(archive_path).name} ({imported.version})")
 
     def _version_dir(self, version: str) -> Path:
         if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):

@@ -180,6 +180,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return code
 
 
+def cmd_bank(args: argparse.Namespace) -> int:
+    """Inspect and manage a bank's versions; the running daemon follows CURRENT by itself."""
+    store = BankStore(args.bank)
+    action = args.bank_command
+    if action == "list":
+        current = store.current()
+        for version in store.versions():
+            try:
+                bank = store.load(version)
+                line = (f"{version}{' *' if version == current else '  '} {bank.created or '':25s} {len(bank):7d} windows  "
+                        f"conditions {','.join(bank.conditions)}  {bank.note}")
+            except BankError as exc:
+                line = f"{version}{' *' if version == current else '  '} UNREADABLE: {exc}"
+            print(line)
+        return 0
+    if action == "show":
+        bank = store.load(args.version)
+        counts = {c: bank.condition_labels().count(c) for c in bank.conditions}
+        print(json.dumps({"version": bank.version, "current": store.current(), "created": bank.created,
+                          "parent": bank.parent, "note": bank.note, "windows": len(bank),
+                          "conditions": counts, "backbones": {n: {"model_id": bank.model_ids[n], "dim": bank.dims[n]}
+                                                              for n in bank.backbones}}, indent=2))
+        return 0
+    if action == "rollback":
+        target = args.version or _previous_version(store)
+        store.set_current(target)
+        print(f"bank {args.bank}: current version is now {target} (a running daemon switches within seconds)")
+        return 0
+    if action == "prune":
+        removed = store.prune(args.keep)
+        print(f"bank {args.bank}: removed {', '.join(removed) if removed else 'nothing'}")
+        return 0
+    if action == "export":
+        version = store.export(args.file, args.version)
+        print(f"bank {args.bank}: exported {version} to {args.file}")
+        return 0
+    version = store.import_archive(args.file, args.replace_models)
+    print(f"bank {args.bank}: imported {args.file} as {version} (now current)")
+    return 0
+
+
+def _previous_version(store: BankStore) -> str:
+    """Rollback target: the current version's parent, else the version before it."""
+    current = store.load()
+    if current.parent and current.parent in store.versions():
+        return current.parent
+    older = [v for v in store.versions() if v < (current.version or "")]
+    if not older:
+        raise BankError(f"bank {store.path}: {current.version} has no earlier version to roll back to")
+    return older[-1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asd-monitor", description=__doc__.split("\n\n")[0],
                                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 65 bad input data, 78 bad config")
@@ -212,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write results.json, roc.png and the official CSVs here")
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bank", parents=[common], help="list, show, roll back, prune, export or import bank versions")
+    bank_sub = p.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
+    for name, text in (("list", "every version, * marks the current one"), ("show", "one version as JSON"),
+                       ("rollback", "make an earlier version current (default: the current one's parent)"),
+                       ("prune", "delete old versions"), ("export", "write a version as .tar.gz"),
+                       ("import", "add an exported version as the new current one")):
+        q = bank_sub.add_parser(name, help=text)
+        q.add_argument("--bank", type=Path, required=True, help="bank directory")
+        if name in ("show", "rollback", "export"):
+            q.add_argument("--version", help="version (default: current)" if name != "rollback" else "target version")
+        if name == "prune":
+            q.add_argument("--keep", type=int, default=5, help="newest versions to keep (default: 5; current always kept)")
+        if name in ("export", "import"):
+            q.add_argument("file", type=Path, metavar="FILE", help="the .tar.gz archive")
+        if name == "import":
+            q.add_argument("--replace-models", action="store_true",
+                           help="accept embeddings of other models than the current version's")
+    p.set_defaults(func=cmd_bank)
 
     p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")
     p.set_defaults(func=cmd_run)
