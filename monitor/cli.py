@@ -147,6 +147,28 @@ def run_daemon(daemon) -> int:
     return 0
 
 
+def cmd_enroll_live(args: argparse.Namespace) -> int:
+    """Start, stop, cancel or query a live enrollment in the running daemon."""
+    from monitor.control import request
+
+    if args.config is None:
+        print("asd-monitor enroll-live: error: --config FILE is required (it names the state directory)", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    fields = {"action": args.action}
+    if args.action == "start":
+        fields["condition"] = args.condition
+        if args.duration is not None:
+            fields["duration_s"] = args.duration
+    try:
+        reply = request(config.daemon.state_dir / "control.sock", args.machine, fields)
+    except ConnectionError as exc:
+        print(f"asd-monitor: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(reply, indent=2))
+    return 0 if reply.get("ok") else EXIT_DATA
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: ok ({len(config.machines)} machine(s), {len(config.sources)} source(s), "
@@ -283,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--replace-models", action="store_true",
                            help="accept embeddings of other models than the current version's")
     p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("enroll-live", parents=[common],
+                       help="enroll a machine's own audio in the running daemon (while it is known to be healthy)")
+    p.add_argument("action", choices=["start", "stop", "cancel", "status"])
+    p.add_argument("--machine", required=True, help="machine name from the config")
+    p.add_argument("--duration", type=float, help="seconds of audio to enroll (default: enrollment.default_duration_seconds)")
+    p.add_argument("--condition", default="default", help="operating condition (default: default)")
+    p.set_defaults(func=cmd_enroll_live)
 
     p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")
     p.set_defaults(func=cmd_run)

@@ -9,6 +9,7 @@ misspelt key silently falling back to its default is how a plant ends up unmonit
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,6 +149,10 @@ class MqttConfig:
     homeassistant_discovery: bool = False
     discovery_prefix: str = "homeassistant"
     outbox_max_messages: int = field(default=100000, metadata=_range(10))
+    # Commands on <prefix>/<site>/<machine>/cmd/enroll: off unless enabled; the broker's own
+    # authentication and ACLs decide who may publish there, and a token file adds a shared secret.
+    commands: bool = False
+    command_token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,28 @@ class ClipsConfig:
     enabled: bool = True
     max_files: int = field(default=500, metadata=_range(1))
     max_megabytes: float = field(default=500.0, metadata=_range(0.0, exclusive_min=True))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A daily live enrollment at a time the machine is known to be healthy (local time)."""
+
+    machine: str
+    daily_at: str  # "HH:MM"
+    duration_seconds: float = field(default=600.0, metadata=_range(0.0, exclusive_min=True))
+    condition: str = "default"
+
+
+@dataclass(frozen=True)
+class EnrollmentConfig:
+    """Live enrollment from the daemon's own audio (see monitor/enrollment.py)."""
+
+    min_windows: int = field(default=6, metadata=_range(2))  # refuse to save fewer clean windows
+    outlier_rank: float = field(default=0.99, metadata=_range(0.0, 1.0, exclusive_min=True))
+    default_duration_seconds: float = field(default=600.0, metadata=_range(0.0, exclusive_min=True))
+    conditions: list[str] = field(default_factory=list)  # allowed condition names; empty = any
+    schedule: list[ScheduleConfig] = field(default_factory=list)
+    control_socket: bool = True  # <state_dir>/control.sock for `asd-monitor enroll-live`
 
 
 @dataclass(frozen=True)
@@ -200,6 +227,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
+    enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
 
     def weights(self) -> dict[str, float]:
         return {b.model: b.weight for b in self.backbones}
@@ -253,7 +281,15 @@ def _check_config(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: machines[{i}].source: unknown source {machine.source!r} (defined: {', '.join(sources) or 'none'})")
         if machine.channel >= sources[machine.source].channels:
             raise ConfigError(f"{source}: machines[{i}].channel: {machine.channel} but source {machine.source!r} has {sources[machine.source].channels} channel(s)")
+    machine_names = {m.name for m in config.machines}
+    for i, entry in enumerate(config.enrollment.schedule):
+        if entry.machine not in machine_names:
+            raise ConfigError(f"{source}: enrollment.schedule[{i}].machine: unknown machine {entry.machine!r}")
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", entry.daily_at):
+            raise ConfigError(f"{source}: enrollment.schedule[{i}].daily_at: expected HH:MM, got {entry.daily_at!r}")
     mqtt = config.mqtt
+    if mqtt.command_token_file is not None and not mqtt.command_token_file.is_file():
+        raise ConfigError(f"{source}: mqtt.command_token_file: {mqtt.command_token_file} does not exist")
     if mqtt.password_file is not None and not mqtt.password_file.is_file():
         raise ConfigError(f"{source}: mqtt.password_file: {mqtt.password_file} does not exist")
     if mqtt.password_file is not None and mqtt.password_env is not None:

@@ -16,23 +16,30 @@ The main thread only waits for a stop request (signal, or the end of a replayed 
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from monitor import __version__
 from monitor.alerts import AlertTracker, Transition
 from monitor.audio import Audio
 from monitor.backbone import Backbone, BackboneError
-from monitor.bank import BankError, BankNotFound, BankStore
+from monitor.bank import Bank, BankError, BankItem, BankNotFound, BankStore
 from monitor.clips import ClipStore
 from monitor.config import Config, ConfigError, MachineConfig, load_config
+from monitor.control import ControlServer
 from monitor.detector import Detector
 from monitor.enroll import enrolled_level
+from monitor.enrollment import Command, CommandError, Session, parse_command
 from monitor.events import EventLog
 from monitor.fusion import FusionError
 from monitor.knn import KnnError
@@ -87,6 +94,9 @@ class Machine:
     tracker: AlertTracker
     scoring: Scoring | None = None  # None until a bank is enrolled
     state: str = "starting"
+    session: Session | None = None  # a live enrollment in progress
+    # Guards ``session`` between the worker and command threads (short sections only).
+    session_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -120,6 +130,8 @@ class Daemon:
         self.queue: queue.Queue[QueuedWindow] = queue.Queue(maxsize=config.daemon.queue_size)
         self.stop_event = threading.Event()
         self.publisher: Publisher | None = None
+        self.control: ControlServer | None = None
+        self._scheduled: dict[int, str] = {}  # schedule entry -> date it last started
         self.events: EventLog | None = None
         self.clips: ClipStore | None = None
         self._threads: list[threading.Thread] = []
@@ -145,6 +157,9 @@ class Daemon:
             self._start_mqtt()
         for machine in self.machines:
             self._load_bank(machine)
+        if cfg.enrollment.control_socket:
+            self.control = ControlServer(self.state_dir / "control.sock", self.command)
+            self.control.start()
         for source in self.sources.values():
             self._start_source(source)
         self._spawn(self._work, "worker")
@@ -186,7 +201,7 @@ class Daemon:
     def _start_mqtt(self) -> None:
         cfg = self.config.mqtt
         outbox = Outbox(self.state_dir / "outbox.sqlite", cfg.outbox_max_messages)
-        self.publisher = Publisher(cfg, self.topics, outbox)
+        self.publisher = Publisher(cfg, self.topics, outbox, self._on_mqtt_command if cfg.commands else None)
         self.publisher.on_connection_change = self._on_mqtt_connection
         self.publisher.start()
         if cfg.homeassistant_discovery:
@@ -327,18 +342,24 @@ class Daemon:
         faults = list(report.faults) + (["device"] if machine.source.error else [])
         if faults:
             self._sensor_fault(machine, start, end, faults, report.rms_dbfs)
+            self._enroll_window(machine, start, None, None, report.rms_dbfs, "sensor_fault")
         elif scoring is None:
             self.telemetry.window(machine.name, "idle")
             self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end),
                                              "idle", None, False))
+            if machine.session is not None:
+                embedded = Detector(self.backbones, self.config).embed(Audio(samples, rate, machine.name))
+                self._enroll_window(machine, start, embedded.embeddings, None, report.rms_dbfs)
         else:
-            self._score(machine, scoring, samples, rate, start, end)
+            embeddings, fused = self._score(machine, scoring, samples, rate, start, end)
+            self._enroll_window(machine, start, embeddings, fused, report.rms_dbfs)
         self.telemetry.observe_latency(machine.name, time.monotonic() - item.ready)
         if self.publisher is not None:
             self.telemetry.set_mqtt_outbox(self.publisher.outbox_depth)
         self.windows_processed += 1
 
-    def _score(self, machine: Machine, scoring: Scoring, samples, rate: int, start: float, end: float) -> None:
+    def _score(self, machine: Machine, scoring: Scoring, samples, rate: int, start: float,
+               end: float) -> tuple[dict[str, np.ndarray], float]:
         detector, tracker = scoring.detector, machine.tracker
         embedded = detector.embed(Audio(samples, rate, machine.name))
         for name, seconds in detector.last_inference_seconds.items():
@@ -364,8 +385,137 @@ class Daemon:
                      "  ".join(f"{n} {r.rank:.3f} ({r.score:.3g})" for n, r in backbones.items()))
         if transition is not None:
             self._alert(machine, transition, fused, backbones, conditions[0], samples, rate)
-        elif not tracker.alerting and machine.state != "normal":
+        elif not tracker.alerting and machine.state not in ("normal", "enrolling"):
             self._set_state(machine, "normal")
+        return embedded.embeddings, fused
+
+    # ------------------------------------------------------- live enrollment
+    def command(self, machine_name: str, payload: bytes) -> dict:
+        """An enrollment command from the control socket or MQTT; validated completely before
+        anything changes, answered with a reply dict either way."""
+        machine = next((m for m in self.machines if m.name == machine_name), None)
+        try:
+            if machine is None:
+                raise CommandError(f"unknown machine {machine_name!r}")
+            self._check_token(payload)
+            cmd = parse_command(payload, self.config.enrollment)
+            reply = self._apply(machine, cmd)
+        except CommandError as exc:
+            log.warning("command for %s refused: %s", machine_name, exc)
+            return {"ok": False, "machine": machine_name, "error": str(exc)}
+        self.events.write("command", machine=machine_name, reply=reply)
+        return reply
+
+    def _check_token(self, payload: bytes) -> None:
+        path = self.config.mqtt.command_token_file
+        if path is None:
+            return
+        try:
+            token = json.loads(payload).get("token")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return  # parse_command reports the malformed payload
+        if not isinstance(token, str) or not hmac.compare_digest(token, path.read_text().strip()):
+            raise CommandError("missing or wrong token")
+
+    def _apply(self, machine: Machine, cmd: Command) -> dict:
+        with machine.session_lock:
+            session = machine.session
+            if cmd.action == "start":
+                if session is not None:
+                    raise CommandError(f"an enrollment is already running on {machine.name} ({session.condition})")
+                session = Session(cmd.condition, cmd.duration_s, iso_time(time.time()))
+                machine.session = session
+            elif session is None:
+                raise CommandError(f"no enrollment is running on {machine.name}")
+            elif cmd.action == "cancel":
+                machine.session = None
+        if cmd.action == "stop":
+            return self._finish_enrollment(machine) | {"action": "stop", "request_id": cmd.request_id}
+        if cmd.action == "start":
+            self._set_state(machine, "enrolling", f"condition {cmd.condition}, {cmd.duration_s:g} s")
+        elif cmd.action == "cancel":
+            self.telemetry.enrollment(machine.name, 0.0)
+            self._set_state(machine, "normal" if machine.scoring else "idle", "enrollment cancelled")
+        return {"ok": True, "machine": machine.name, "action": cmd.action, "request_id": cmd.request_id,
+                "session": session.summary()}
+
+    def _enroll_window(self, machine: Machine, start: float, embeddings: dict | None, fused: float | None,
+                       level: float, fault: str | None = None) -> None:
+        with machine.session_lock:
+            session = machine.session
+            if session is None:
+                return
+            session.advance(self.config.daemon.hop_seconds)
+            if fault is not None:
+                session.excluded_faults += 1
+                result = "sensor_fault"
+            elif fused is not None and fused > self.config.enrollment.outlier_rank:
+                session.excluded_outliers += 1
+                result = "outlier"
+            else:
+                item = BankItem(f"live:{machine.name}", start, session.condition,
+                                iso_time(time.time()), level)
+                session.accept(item, {n: e[:1] for n, e in embeddings.items()})
+                result = "accepted"
+            done = session.done
+        self.telemetry.enrollment(machine.name, session.progress, result)
+        if done:
+            self._finish_enrollment(machine)
+
+    def _finish_enrollment(self, machine: Machine) -> dict:
+        """Save the session's windows as a new bank version (or refuse) and switch to it."""
+        with machine.session_lock:
+            session, machine.session = machine.session, None
+        if session is None:  # finished by the worker a moment ago
+            return {"ok": False, "machine": machine.name, "error": "no enrollment is running"}
+        self.telemetry.enrollment(machine.name, 0.0)
+        summary = session.summary()
+        minimum = self.config.enrollment.min_windows
+        if session.accepted < minimum:
+            error = (f"only {session.accepted} clean window(s) (need {minimum}; excluded: "
+                     f"{session.excluded_faults} sensor faults, {session.excluded_outliers} outliers): nothing saved")
+            log.error("%s: enrollment refused: %s", machine.name, error)
+            self.events.write("enrollment_failed", machine=machine.name, error=error, session=summary)
+            self._set_state(machine, "normal" if machine.scoring else "idle", "enrollment refused")
+            return {"ok": False, "machine": machine.name, "error": error, "session": summary}
+        try:
+            try:
+                bank = machine.store.load()
+            except BankNotFound:
+                bank = Bank()
+            model_ids = {b.name: b.meta.model_id for b in self.backbones}
+            version = machine.store.save(bank.add(session.items, session.stacked(), model_ids),
+                                         note=f"live enrollment, condition {session.condition}, {session.accepted} windows")
+        except BankError as exc:
+            self.events.write("enrollment_failed", machine=machine.name, error=str(exc), session=summary)
+            return {"ok": False, "machine": machine.name, "error": str(exc), "session": summary}
+        self.events.write("enrolled", machine=machine.name, version=version, session=summary)
+        self._set_state(machine, "normal", f"enrolled {version}")
+        self._reload_bank(machine)
+        return {"ok": True, "machine": machine.name, "version": version, "session": summary}
+
+    def _on_mqtt_command(self, topic: str, payload: bytes) -> None:
+        """paho's thread: hand the command over and return at once."""
+        parts = topic.split("/")
+        if len(parts) != 5 or parts[3] != "cmd" or parts[4] != "enroll":
+            log.warning("ignoring command on %s", topic)
+            return
+        machine = parts[2]
+        threading.Thread(target=self._reply_mqtt, args=(machine, payload), name="command", daemon=True).start()
+
+    def _reply_mqtt(self, machine: str, payload: bytes) -> None:
+        reply = self.command(machine, payload)
+        self.publisher.publish_volatile(self.topics.reply(machine), json.dumps(reply))
+
+    def _check_schedule(self) -> None:
+        now = datetime.now()
+        for i, entry in enumerate(self.config.enrollment.schedule):
+            today = now.date().isoformat()
+            if now.strftime("%H:%M") == entry.daily_at and self._scheduled.get(i) != today:
+                self._scheduled[i] = today
+                payload = json.dumps({"action": "start", "duration_s": entry.duration_seconds,
+                                      "condition": entry.condition}).encode()
+                log.info("scheduled enrollment of %s: %s", entry.machine, self.command(entry.machine, payload))
 
     def _alert(self, machine: Machine, transition: Transition, fused: float,
                backbones: dict[str, BackboneScore], condition: str, samples, rate: int) -> None:
@@ -435,6 +585,7 @@ class Daemon:
         last_status = last_bank_check = 0.0
         while not self.stop_event.wait(STOP_POLL_SECONDS):
             self._check_devices()
+            self._check_schedule()
             now = time.monotonic()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
@@ -516,6 +667,8 @@ class Daemon:
             source.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.control is not None:
+            self.control.stop()
         if self.publisher is not None:
             self.publisher.stop()
         self.telemetry.stop()

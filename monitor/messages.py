@@ -115,5 +115,9 @@ class Topics:
     def commands(self) -> str:
         return f"{self.prefix}/{self.site}/+/cmd/#"
 
+    def reply(self, machine: str) -> str:
+        """Replies to commands (outside ``cmd/`` so the daemon never receives its own)."""
+        return f"{self.prefix}/{self.site}/{machine}/reply/enroll"
+
     def discovery(self, discovery_prefix: str, machine: str) -> str:
         return f"{discovery_prefix}/binary_sensor/{self.prefix}_{self.site}_{machine}/config"

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 WINDOW_STATUSES = ("ok", "sensor_fault", "idle", "dropped")
 ALERT_TYPES = ("raise", "clear")
 SENSOR_FAULTS = ("silence", "low_level", "clipping", "nonfinite", "dropout", "device")
+ENROLLMENT_RESULTS = ("accepted", "sensor_fault", "outlier")
 MACHINE_STATES = ("normal", "alert", "sensor_fault", "idle", "starting", "enrolling")
 
 # One backbone on one window: a DSP feature takes milliseconds, a CNN on a slow CPU seconds.
@@ -113,6 +114,12 @@ class Telemetry:
         self._mqtt_published = Counter("asd_mqtt_published", "Messages delivered to the MQTT broker.", registry=r)
         self._state = Gauge(
             "asd_machine_state", "Current state per machine: 1 for the state it is in, 0 for the others.", ["machine", "state"], registry=r)
+        self._enrollment_progress = Gauge(
+            "asd_enrollment_progress_ratio", "Progress of the live enrollment running on a machine (0..1; 0 when none runs).",
+            ["machine"], registry=r)
+        self._enrollment_windows = Counter(
+            "asd_enrollment_windows", "Windows seen by live enrollment: accepted, or excluded for a sensor fault or as an outlier.",
+            ["machine", "result"], registry=r)
 
     def add_machine(self, machine: str, backbones: Iterable[str] = ()) -> None:
         """Create a machine's series at zero and put it in state ``starting``.
@@ -127,9 +134,20 @@ class Telemetry:
         for fault in SENSOR_FAULTS:
             self._faults.labels(machine, fault)
         self._dropped.labels(machine)
+        self._enrollment_progress.labels(machine).set(0)
+        for result in ENROLLMENT_RESULTS:
+            self._enrollment_windows.labels(machine, result)
         for backbone in backbones:
             self._inference.labels(backbone)
         self.set_state(machine, "starting")
+
+    def enrollment(self, machine: str, progress: float, result: str | None = None) -> None:
+        """Progress of a live enrollment, and one more window's outcome when given."""
+        if result is not None:
+            if result not in ENROLLMENT_RESULTS:
+                raise ValueError(f"unknown enrollment result {result!r} (expected one of {', '.join(ENROLLMENT_RESULTS)})")
+            self._enrollment_windows.labels(machine, result).inc()
+        self._enrollment_progress.labels(machine).set(progress)
 
     def window(self, machine: str, status: str) -> None:
         """Count one window; ``dropped`` also counts in ``asd_windows_dropped_total``."""
