@@ -537,13 +537,17 @@ def _read_version(folder: Path) -> Bank:
         raise fail(str(exc)) from None
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise BankError(f"bank {path}: missing") from None
     except OSError as exc:
         raise BankError(f"bank {path}: unreadable ({exc.strerror or exc})") from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    data = _read_bytes(path)
     try:
         manifest = json.loads(data.decode('utf-8'))
     except UnicodeDecodeError:
@@ -568,12 +572,7 @@ def _read_verified(path: Path, sha256: str) -> bytes:
     The bytes that were hashed are the bytes that get parsed, so a file cannot
     change between verification and use.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BankError(f"bank {path}: missing") from None
-    except OSError as exc:
-        raise BankError(f"bank {path}: unreadable ({exc.strerror or exc})") from None
+    data = _read_bytes(path)
     if hashlib.sha256(data).hexdigest() != sha256.lower():
         raise BankError(f"bank {path}: sha256 mismatch (corrupt file)")
     return data

@@ -116,13 +116,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command line argparse cannot check by itself (exit 2, like argparse's own errors)."""
+
+
+def _required_config(args: argparse.Namespace, command: str) -> Config:
+    if args.config is None:
+        raise UsageError(f"{command} needs --config FILE")
+    return load_config(args.config)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon
 
-    if args.config is None:
-        print("asd-monitor run: error: --config FILE is required", file=sys.stderr)
-        return 2
-    config = load_config(args.config)
+    config = _required_config(args, "run")
     if not config.machines:
         raise ConfigError(f"{args.config}: machines: nothing to monitor (add a machine and a source)")
     return run_daemon(Daemon(config, args.config))
@@ -151,10 +158,7 @@ def cmd_enroll_live(args: argparse.Namespace) -> int:
     """Start, stop, cancel or query a live enrollment in the running daemon."""
     from monitor.control import request
 
-    if args.config is None:
-        print("asd-monitor enroll-live: error: --config FILE is required (it names the state directory)", file=sys.stderr)
-        return 2
-    config = load_config(args.config)
+    config = _required_config(args, "enroll-live")
     fields = {"action": args.action}
     if args.action == "start":
         fields["condition"] = args.condition
@@ -339,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"asd-monitor: error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"asd-monitor: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

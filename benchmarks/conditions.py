@@ -1,0 +1,69 @@
+"""Operating conditions: one pooled bank against per-condition sub-banks (minimum over
+conditions), with and without k-means compaction of large conditions, on ../shared/data/bench
+(source domain = one condition with many clips, target = another with few).
+
+    python benchmarks/conditions.py            # prints a table, writes results/conditions.json
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from benchmarks.common import SHARED_DATA, LoadMonitor, table, write_json
+from monitor.audio import load_audio
+from monitor.config import Config
+from monitor.dataset import scan_dataset
+from monitor.detector import Detector
+from monitor.knn import KnnScorer
+from monitor.metrics import machine_figures
+
+SETS = ("uav-noisy", "fan-noisy")
+CENTROIDS = (16, 32, 64)
+
+
+def compact(embeddings: np.ndarray, conditions: np.ndarray, size: int) -> tuple[np.ndarray, list[str]]:
+    """Replace each condition larger than ``size`` by ``size`` k-means centroids."""
+    parts, labels = [], []
+    for condition in np.unique(conditions):
+        block = embeddings[conditions == condition]
+        if len(block) > size:
+            kmeans = faiss.Kmeans(block.shape[1], size, niter=25, seed=0, verbose=False)
+            kmeans.train(np.ascontiguousarray(block, dtype=np.float32))
+            block = kmeans.centroids
+        parts.append(block)
+        labels += [str(condition)] * len(block)
+    return np.concatenate(parts).astype(np.float32), labels
+
+
+def main() -> None:
+    detector = Detector.from_config(Config())
+    rows = []
+    with LoadMonitor() as load:
+        for name in SETS:
+            root = SHARED_DATA / "bench" / name
+            if not root.is_dir():
+                print(f"skipping {name}: {root} not found")
+                continue
+            for machine, clips in scan_dataset(root).items():
+                train = [c for c in clips if c.split == "train" and c.label == "normal"]
+                test = [c for c in clips if c.split == "test"]
+                embed = lambda cs: np.stack([detector.embed(load_audio(c.path)).embeddings["aisfx"].mean(0) for c in cs])
+                bank, queries = embed(train), embed(test)
+                conditions = np.array([c.domain for c in train])
+                domains, labels = [c.domain for c in test], [c.is_anomaly for c in test]
+                variants = {"pooled": (bank, None), "per-condition": (bank, list(conditions))}
+                for size in CENTROIDS:
+                    variants[f"per-condition, >{size} compacted"] = compact(bank, conditions, size)
+                for k in (1, 3):
+                    for variant, (emb, conds) in variants.items():
+                        scores = KnnScorer(emb, conds, metric="mahalanobis", k=k, shrinkage=0.5).score(queries)
+                        fig = machine_figures(domains, labels, scores)
+                        rows.append([name, k, variant, fig.auc_source, fig.auc_target, fig.pauc, fig.official])
+    headers = ["set", "k", "bank", "AUC src", "AUC tgt", "pAUC", "official"]
+    table(headers, rows, "aisfx, Mahalanobis (shrinkage 0.5): pooled vs per-condition banks")
+    write_json("conditions", {"rows": [dict(zip(headers, r)) for r in rows]}, load)
+
+
+if __name__ == "__main__":
+    main()
