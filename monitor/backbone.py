@@ -19,6 +19,9 @@ from monitor.metadata import BackboneMetadata
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
+
+if hasattr(ort, "disable_telemetry_events"):
+    ort.disable_telemetry_events()  # nothing leaves the box unasked (onnxruntime >= 1.17 may upload usage events)
 PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"

@@ -8,8 +8,10 @@ a bad config does not become a restart loop).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +131,7 @@ def _required_config(args: argparse.Namespace, command: str) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon
 
+    faulthandler.enable()  # a watchdog SIGABRT then shows every thread's stack in the journal
     config = _required_config(args, "run")
     if not config.machines:
         raise ConfigError(f"{args.config}: machines: nothing to monitor (add a machine and a source)")
@@ -165,7 +168,7 @@ def cmd_enroll_live(args: argparse.Namespace) -> int:
         if args.duration is not None:
             fields["duration_s"] = args.duration
     try:
-        reply = request(config.daemon.state_dir / "control.sock", args.machine, fields)
+        reply = request(config.daemon.resolved_state_dir() / "control.sock", args.machine, fields)
     except ConnectionError as exc:
         print(f"asd-monitor: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -187,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from monitor import demo
     from monitor.daemon import Daemon
 
-    logging.getLogger("asd.console").setLevel(logging.INFO)
+    logging.getLogger("asd.windows").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
         state = args.state_dir or Path(tmp)
         config = demo.demo_config(state, args.speed, _config(args))
@@ -333,9 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _JournalFormatter(logging.Formatter):
+    """journald adds its own timestamps and reads a ``<N>`` syslog priority prefix, so
+    ``journalctl -p warning`` shows alerts and faults."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+
+
 def setup_logging(verbosity: int) -> None:
+    """-v info, -vv debug. Under systemd (JOURNAL_STREAM set) the per-window lines need -vv:
+    a line every 10 s per machine would bury everything else in the journal."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter())
+        if verbosity < 2:
+            logging.getLogger("asd.windows").setLevel(logging.WARNING)
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,8 @@ class ClipStore:
             return self._failed(f"cannot save clip: machine name {machine!r} is not a valid folder name")
         try:
             encoded = _encode(samples, sample_rate)
-        except (OSError, ValueError, sf.SoundFileError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure here must still let the alert out
+            # (seen: MemoryError from libsndfile's cffi callbacks under MemoryDenyWriteExecute)
             return self._failed(f"cannot encode clip for {machine}: {_describe(exc)}")
         with self._lock:
             folder = self.directory / machine

@@ -9,6 +9,7 @@ misspelt key silently falling back to its default is how a plant ends up unmonit
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+DEFAULT_STATE_DIR = "/var/lib/asd-monitor"
 
 
 class ConfigError(ValueError):
@@ -196,10 +200,17 @@ class EnrollmentConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     name: str = "asd-monitor"
-    state_dir: Path = Path("/var/lib/asd-monitor")
+    # None: systemd's $STATE_DIRECTORY (StateDirectory=), else /var/lib/asd-monitor.
+    state_dir: Path | None = None
     hop_seconds: float = field(default=10.0, metadata=_range(0.0, exclusive_min=True))
     queue_size: int = field(default=8, metadata=_range(1))
     event_log: Path | None = None  # default: <state_dir>/events.jsonl
+
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        from_systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(from_systemd or DEFAULT_STATE_DIR)
 
 
 @dataclass(frozen=True)

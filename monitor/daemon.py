@@ -54,7 +54,8 @@ from monitor.systemd import Notifier
 from monitor.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-console = logging.getLogger("asd.console")
+console = logging.getLogger("asd.console")  # alerts and sensor faults, for a person watching
+windows = logging.getLogger("asd.windows")  # one line per scored window (-v, or -vv under systemd)
 
 STOP_POLL_SECONDS = 0.5
 BANK_CHECK_SECONDS = 2.0  # how soon a bank switched by another process is picked up
@@ -121,7 +122,7 @@ class Daemon:
         self.notifier = Notifier()
         self.reload_requested = threading.Event()
         self._wedge_after = _fault_injection()
-        self.state_dir = Path(config.daemon.state_dir)
+        self.state_dir = config.daemon.resolved_state_dir()
         self.telemetry = Telemetry()
         self.topics = Topics(config.mqtt.topic_prefix, config.mqtt.site, config.daemon.name)
         self.backbones: list[Backbone] = []
@@ -144,7 +145,10 @@ class Daemon:
         """Load models and banks, open outputs, start audio. Raises on any start-up problem,
         before audio starts, so a bad setup never half-runs."""
         cfg = self.config
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"daemon.state_dir: cannot create {self.state_dir} ({exc.strerror or exc})") from None
         self.backbones = [Backbone.load(b.model, cfg.runtime.provider, cfg.runtime.threads) for b in cfg.backbones]
         self.sources = {s.name: make_source(s) for s in cfg.sources}
         self.machines = [self._make_machine(m) for m in cfg.machines]
@@ -380,7 +384,7 @@ class Daemon:
         self.telemetry.set_ranks(machine.name, fused, backbones)
         self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end), "ok",
                                          fused, anomalous, backbones))
-        console.info("%-12s %s  fused %.3f%s  %s", machine.name, iso_time(start)[11:19], fused,
+        windows.info("%-12s %s  fused %.3f%s  %s", machine.name, iso_time(start)[11:19], fused,
                      " ANOMALOUS" if anomalous else "",
                      "  ".join(f"{n} {r.rank:.3f} ({r.score:.3g})" for n, r in backbones.items()))
         if transition is not None:
@@ -521,8 +525,12 @@ class Daemon:
                backbones: dict[str, BackboneScore], condition: str, samples, rate: int) -> None:
         clip, clip_error = None, None
         if transition.type == "raise":
-            saved = self.clips.save(machine.name, transition.end - len(samples) / rate, samples, rate)
-            clip, clip_error = (str(saved.path) if saved.path else None), saved.error
+            try:
+                saved = self.clips.save(machine.name, transition.end - len(samples) / rate, samples, rate)
+                clip, clip_error = (str(saved.path) if saved.path else None), saved.error
+            except Exception as exc:  # noqa: BLE001 - the alert goes out whatever happened to its clip
+                log.exception("%s: saving the alert's clip failed", machine.name)
+                clip_error = f"clip not saved: {type(exc).__name__}: {exc}"
         event = AlertEvent(transition.event_id, transition.type, self.topics.site, machine.name,
                            iso_time(transition.start), iso_time(transition.end), fused,
                            self.config.alerts.threshold, backbones, condition, clip, clip_error)
@@ -623,6 +631,8 @@ class Daemon:
         except (BankError, BackboneError, FusionError, KnnError) as exc:
             log.error("%s: keeping bank %s: %s", machine.name, machine.bank_version, exc)
             self.events.write("bank_error", machine=machine.name, error=str(exc), kept=machine.bank_version)
+        except Exception:  # noqa: BLE001 - the main loop must survive whatever a bank holds
+            log.exception("%s: keeping bank %s after an unexpected error", machine.name, machine.bank_version)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and every bank, without stopping the audio.

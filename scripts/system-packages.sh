@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages the test suite talks to for real: an MQTT broker, promtool, a PulseAudio
-# server with a null sink (a microphone without a sound card), PortAudio for sounddevice.
+# server with a null sink (a microphone without a sound card), PortAudio for sounddevice, and
+# systemd-nspawn + debootstrap to run the systemd unit in a booted Debian container
+# (tests/test_systemd.py; systemd-analyze comes with systemd itself).
 set -euo pipefail
-packages=(mosquitto mosquitto-clients prometheus pulseaudio pulseaudio-utils libasound2-plugins libportaudio2 sox)
+packages=(mosquitto mosquitto-clients prometheus pulseaudio pulseaudio-utils libasound2-plugins libportaudio2 sox
+          systemd systemd-container debootstrap)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
