@@ -17,6 +17,9 @@ $(VENV)/.runtime: pyproject.toml
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) -e '.[cpu,export,test]'
 	$(PIP) --no-deps aisfx==0.1.2
+	# An independent BEATs implementation (ESPnet), for parity tests only; its torchaudio
+	# dependency is not installable beside torch 2.13 and is stubbed by the test.
+	$(PIP) --no-deps openbeats==0.1.1
 	touch $@
 
 setup: $(VENV)/.runtime

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", type=Path, help=f"checkpoint: {exporter.checkpoint}")
         p.add_argument("--random-init", action="store_true",
                        help="random weights instead of a checkpoint (tests, timing)")
+        _precision_arguments(p)
         if exporter.add_arguments:
             exporter.add_arguments(p)
     p = sub.add_parser("builtins", help="re-export every built-in backbone into the package's assets")
@@ -37,13 +38,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _precision_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                       help="fp16: half-precision graph for GPUs (frontend kept fp32), written as NAME-fp16.onnx")
+    group.add_argument("--quantize", choices=["int8"],
+                       help="int8: dynamic quantisation of the weighted layers for CPUs, written as NAME-int8.onnx")
+    parser.add_argument("--external-data", action="store_true",
+                        help="keep the weights in NAME.onnx.data beside the graph (automatic above 1.8 GB)")
+
+
 def export_one(args: argparse.Namespace, name: str) -> Path:
-    from export.onnx_export import export_backbone  # imports torch.onnx: only when exporting
+    from export.onnx_export import DATA_SUFFIX, export_backbone  # imports torch.onnx: only when exporting
 
     started = time.perf_counter()
     module, meta = EXPORTERS[name].build(args)
-    path = export_backbone(module, meta, args.out)
-    log.info("%s exported in %.1f s, %.1f MB", name, time.perf_counter() - started, path.stat().st_size / 1e6)
+    precision = getattr(args, "quantize", None) or getattr(args, "precision", "fp32")
+    path = export_backbone(module, meta, args.out, precision=precision,
+                           external_data=True if getattr(args, "external_data", False) else None)
+    data = Path(str(path) + DATA_SUFFIX)
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    log.info("%s exported in %.1f s, %.1f MB", name, time.perf_counter() - started, size / 1e6)
     return path
 
 

@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 EXPORTER_VERSION = "1"
 OPSET = 18
 PARITY_RTOL = 1e-4
+PRECISIONS = ("fp32", "fp16", "int8")
+# Reduced precision cannot meet PARITY_RTOL; its check is the cosine similarity of each embedding
+# to torch's float32 one, which is what KNN scoring on normalised embeddings sees. Thresholds
+# measured on the built-in and random-weight exports (see benchmarks/precision.py).
+MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
+# Above this many bytes of weights the graph keeps them in ``<file>.data`` (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+DATA_SUFFIX = ".data"
+# Layers dynamic int8 quantisation rewrites (weights int8, activations quantised at run time): the
+# linear layers that carry a transformer's weight. Convolutions stay float: onnxruntime's
+# ConvInteger was measured slower than the float Conv on this CPU (M2D, MuQ) and cost aisfx's CNN
+# accuracy (cosine 0.978 to float32); see benchmarks/precision.py.
+QUANTIZED_OPS = ("MatMul", "Gemm")
 
 
 class ParityError(RuntimeError):
@@ -43,7 +56,12 @@ def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def export_backbone(
-    module: torch.nn.Module, meta: BackboneMetadata, out_dir: Path, parity_batch: int = 2
+    module: torch.nn.Module,
+    meta: BackboneMetadata,
+    out_dir: Path,
+    parity_batch: int = 2,
+    precision: str = "fp32",
+    external_data: bool | None = None,
 ) -> Path:
     """Export ``module`` (waveform [B, window] -> embedding [B, D]) to ``out_dir/<name>.onnx``.
 
@@ -53,11 +71,24 @@ def export_backbone(
     written to a temporary name and renamed, so an interrupted export never leaves a truncated
     model where the daemon would load it. Raises ParityError if onnxruntime's output differs
     from torch's by more than ``PARITY_RTOL`` (relative to the output's scale).
+
+    Weights over ``EXTERNAL_DATA_BYTES`` (or always, with ``external_data=True``) go to
+    ``<file>.data`` beside the graph (protobuf cannot hold 2 GiB); see ``_install`` for how the
+    pair replaces a previous export. ``precision`` "fp16" (for GPUs) or "int8" (dynamic
+    quantisation, for CPUs) converts the exported graph and writes ``<name>-fp16.onnx`` /
+    ``<name>-int8.onnx``, checked by cosine similarity against torch (``MIN_COSINE``).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     module = module.eval()
-    meta = replace(meta, model_id=model_digest(module, meta.frontend), exporter_version=EXPORTER_VERSION)
+    settings = meta.frontend if precision == "fp32" else f"{meta.frontend}; precision {precision}"
+    meta = replace(meta, model_id=model_digest(module, settings), exporter_version=EXPORTER_VERSION, precision=precision)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{meta.name}.onnx"
+    final = out_dir / (f"{meta.name}.onnx" if precision == "fp32" else f"{meta.name}-{precision}.onnx")
+    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    raw_external = bool(external_data) or weight_bytes > EXTERNAL_DATA_BYTES
+    final_bytes = weight_bytes * {"fp32": 1.0, "fp16": 0.5, "int8": 0.3}[precision]
+    final_external = external_data if external_data is not None else final_bytes > EXTERNAL_DATA_BYTES
     generator = torch.Generator().manual_seed(0)
     example = 0.1 * torch.randn(parity_batch, meta.window_samples, generator=generator)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
@@ -71,25 +102,214 @@ def export_backbone(
             input_names=[meta.input_name],
             output_names=[meta.output_name],
             dynamic_shapes={"waveform": _dynamic_axes(meta)},
-            external_data=False,
+            external_data=raw_external,
             verbose=False,
         )
-        model = onnx.load(str(raw))
-        model.producer_name = "asd-export"
-        model.producer_version = EXPORTER_VERSION
-        del model.metadata_props[:]
-        for key, value in sorted(meta.to_props().items()):
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
+        model = onnx.load(str(raw), load_external_data=False)
         staged = Path(tmp) / final.name
-        onnx.save(model, str(staged))
-        check_parity(module, staged, meta, example)
+        if precision == "fp32":
+            if raw_external:
+                _relocate_external_data(model, raw.parent, staged.name + DATA_SUFFIX)
+            _save(model, meta, staged, external=False)  # tensors already external (or inline)
+        else:
+            frontend = frontend_nodes(model, {name for name, _ in module.named_parameters()})
+            if precision == "fp16":
+                types = {v.name: v.type.tensor_type.elem_type
+                         for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+                onnx.load_external_data_for_model(model, str(raw.parent))
+                model = _to_fp16(model, frontend, types)
+                _save(model, meta, staged, external=final_external)
+            else:
+                skip = set(frontend)
+                if not any(n.op_type in QUANTIZED_OPS and n.name not in skip for n in model.graph.node):
+                    raise ValueError(f"{meta.name}: int8 has nothing to quantise (no {'/'.join(QUANTIZED_OPS)} "
+                                     "layers with weights); export it as fp32")
+                del model  # the quantiser reads the raw file itself: one copy of the weights less
+                _quantize_int8(raw, frontend, meta, staged, final_external)
+        model = None
+        check = check_parity if precision == "fp32" else check_similarity
+        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+        check(module, staged, meta, example, session)
         if meta.min_samples is not None:
-            check_parity(module, staged, meta, example[:, : meta.min_samples])
-            check_parity(module, staged, meta, example[:, : (meta.min_samples + meta.window_samples) // 2])
-        os.replace(staged, final)
-    log.info("exported %s to %s (model_id %s)", meta.name, final, meta.model_id)
+            check(module, staged, meta, example[:, : meta.min_samples], session)
+            check(module, staged, meta, example[:, : (meta.min_samples + meta.window_samples) // 2], session)
+        del session
+        _install(staged, final)
+    log.info("exported %s to %s (model_id %s, %s)", meta.name, final, meta.model_id, precision)
     return final
+
+
+def _save(model: onnx.ModelProto, meta: BackboneMetadata, path: Path, external: bool) -> None:
+    """Stamp producer and ``asd.*`` metadata and write; ``external`` moves every tensor to
+    ``<path>.data`` (tensors that are already external stay where they point)."""
+    model.producer_name = "asd-export"
+    model.producer_version = EXPORTER_VERSION
+    del model.metadata_props[:]
+    for key, value in sorted(meta.to_props().items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + DATA_SUFFIX, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and tensor attributes of ``graph`` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _all_tensors(sub)
+
+
+def _relocate_external_data(model: onnx.ModelProto, folder: Path, location: str) -> None:
+    """Point every external tensor at ``folder/location`` and move the (single) data file there,
+    without reading the weights into memory."""
+    sources = set()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                sources.add(entry.value)
+                entry.value = location
+    if len(sources) > 1:
+        raise RuntimeError(f"exporter wrote weights to {len(sources)} files ({sorted(sources)}), expected one")
+    for source in sources:
+        os.replace(folder / source, folder / location)
+
+
+def frontend_nodes(model: onnx.ModelProto, parameter_names: set[str]) -> list[str]:
+    """Names of the nodes that do not depend on any learned parameter: the signal-processing
+    frontend (framing, FFT, mel, log, its clamps and floors) and shape arithmetic.
+
+    These stay float32 under fp16 and int8: a power spectrum exceeds fp16's range (65504) and a
+    1e-10 floor underflows it, and a uint8-quantised mel product would crush the spectrum's
+    dynamic range. The first layer with weights (a convolution, a BatchNorm) keeps its
+    parameter's name in the exported graph, which is where the frontend ends.
+    """
+    learned = {init.name for init in model.graph.initializer if init.name in parameter_names}
+    if not learned:
+        return [node.name for node in model.graph.node]
+    dependent: set[str] = set(learned)
+    frontend = []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if any(name in dependent for name in node.input):
+            dependent.update(node.output)
+        else:
+            frontend.append(node.name)
+    return frontend
+
+
+def _to_fp16(model: onnx.ModelProto, frontend: list[str], types: dict[str, int]) -> onnx.ModelProto:
+    """Half precision for every node outside ``frontend``, float32 at the graph's input and
+    output and throughout the frontend.
+
+    Written here rather than with onnxruntime's converter, whose ``node_block_list`` still
+    passes the tensors *between* two kept-float nodes through float16 casts (a power spectrum
+    of 1e6 becomes inf). ``types``: element type of every tensor (from shape inference).
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    keep = set(frontend)
+    network = [n for n in graph.node if n.name not in keep]
+    for node in network:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ValueError(f"fp16: node {node.name} ({node.op_type}) has a subgraph, which is not supported")
+    float_ = onnx.TensorProto.FLOAT
+    half = onnx.TensorProto.FLOAT16
+    network_outputs = {o for n in network for o in n.output}
+    frontend_inputs = {i for n in graph.node if n.name in keep for i in n.input}
+    initializers = {i.name: i for i in graph.initializer}
+    # Weights only the network reads become float16; anything else float it reads gets a Cast.
+    for name, tensor in initializers.items():
+        if tensor.data_type == float_ and name not in frontend_inputs and any(name in n.input for n in network):
+            converted = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name)
+            tensor.CopyFrom(converted)
+    casts: dict[str, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.name in keep:
+            new_nodes.append(node)
+            continue
+        for index, name in enumerate(node.input):
+            if not name or name in network_outputs:
+                continue
+            is_float = (initializers[name].data_type == float_) if name in initializers else types.get(name) == float_
+            if is_float:
+                if name not in casts:
+                    casts[name] = f"{name}__fp16"
+                    new_nodes.append(onnx.helper.make_node("Cast", [name], [casts[name]], to=half, name=f"{name}__to_fp16"))
+                node.input[index] = casts[name]
+        _half_attributes(node)
+        new_nodes.append(node)
+    # The embedding goes out as float32.
+    for output in graph.output:
+        if output.name in network_outputs and output.type.tensor_type.elem_type == float_:
+            inner = f"{output.name}__fp16"
+            for node in new_nodes:
+                node.output[:] = [inner if o == output.name else o for o in node.output]
+                node.input[:] = [inner if i == output.name else i for i in node.input]
+            new_nodes.append(onnx.helper.make_node("Cast", [inner], [output.name], to=float_, name=f"{output.name}__to_fp32"))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [v for v in graph.value_info if v.name not in network_outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return model
+
+
+def _half_attributes(node: onnx.NodeProto) -> None:
+    """Constants and casts inside the half-precision part produce float16 instead of float32."""
+    from onnx import numpy_helper
+
+    for attribute in node.attribute:
+        if node.op_type == "Cast" and attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT:
+            attribute.i = onnx.TensorProto.FLOAT16
+        elif attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == onnx.TensorProto.FLOAT:
+            attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float16),
+                                                          attribute.t.name))
+        elif node.op_type == "Constant" and attribute.name in ("value_float", "value_floats"):
+            values = [attribute.f] if attribute.name == "value_float" else list(attribute.floats)
+            array = np.array(values[0] if attribute.name == "value_float" else values, dtype=np.float16)
+            attribute.CopyFrom(onnx.helper.make_attribute("value", numpy_helper.from_array(array)))
+
+
+def _quantize_int8(source: Path, frontend: list[str], meta: BackboneMetadata, staged: Path, external: bool) -> None:
+    """Dynamic quantisation (int8 weights, activations quantised per call) of the layers with
+    weights: ``QUANTIZED_OPS`` outside the frontend."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = staged.with_name("q-" + staged.name)
+    quantize_dynamic(source, quantized, op_types_to_quantize=list(QUANTIZED_OPS), weight_type=QuantType.QInt8,
+                     nodes_to_exclude=frontend, use_external_data_format=external)
+    _save(onnx.load(str(quantized)), meta, staged, external=external)
+
+
+def _install(staged: Path, final: Path) -> None:
+    """Move a staged model (and its ``.data``) to ``final``.
+
+    A single file replaces the old one atomically. A graph with external data is a pair that no
+    rename swaps at once, so the old graph is removed first, then the data and the graph are
+    moved in: a reader meets the old pair, no model, or the new pair, never a graph pointing
+    into the wrong weights. A stale ``.data`` of an earlier large export is removed.
+    """
+    data, final_data = Path(str(staged) + DATA_SUFFIX), Path(str(final) + DATA_SUFFIX)
+    if data.exists():
+        final.unlink(missing_ok=True)
+        os.replace(data, final_data)
+        os.replace(staged, final)
+    else:
+        os.replace(staged, final)
+        final_data.unlink(missing_ok=True)
 
 
 def _dynamic_axes(meta: BackboneMetadata) -> dict[int, torch.export.Dim]:
@@ -100,12 +320,13 @@ def _dynamic_axes(meta: BackboneMetadata) -> dict[int, torch.export.Dim]:
 
 
 def check_parity(
-    module: torch.nn.Module, path: Path, meta: BackboneMetadata, waveform: torch.Tensor
+    module: torch.nn.Module, path: Path, meta: BackboneMetadata, waveform: torch.Tensor,
+    session: ort.InferenceSession | None = None,
 ) -> float:
     """Run torch and onnxruntime (CPU) on the same input; return the relative error."""
     with torch.no_grad():
         expected = module(waveform).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = session or ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([meta.output_name], {meta.input_name: waveform.numpy()})[0]
     if got.shape != expected.shape:
         raise ParityError(f"{path}: output shape {got.shape} != torch {expected.shape}")
@@ -114,3 +335,32 @@ def check_parity(
         raise ParityError(f"{path}: relative error {error:.2e} against torch exceeds {PARITY_RTOL:.0e}")
     log.info("parity %s: relative error %.2e", path.name, error)
     return error
+
+
+def cosine_similarity(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [B, D] arrays."""
+    dot = np.sum(reference * candidate, axis=1)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    return dot / np.maximum(norms, 1e-30)
+
+
+def check_similarity(
+    module: torch.nn.Module, path: Path, meta: BackboneMetadata, waveform: torch.Tensor,
+    session: ort.InferenceSession | None = None,
+) -> float:
+    """The reduced-precision check: every embedding's cosine similarity to torch's float32 one
+    at least ``MIN_COSINE[meta.precision]``; returns the smallest."""
+    with torch.no_grad():
+        expected = module(waveform).numpy()
+    session = session or ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([meta.output_name], {meta.input_name: waveform.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ParityError(f"{path}: output shape {got.shape} != torch {expected.shape}")
+    similarity = float(np.min(cosine_similarity(expected.astype(np.float64), got.astype(np.float64))))
+    threshold = MIN_COSINE[meta.precision]
+    if not similarity >= threshold:
+        raise ParityError(f"{path}: {meta.precision} embeddings' cosine similarity to torch float32 is "
+                          f"{similarity:.5f}, below {threshold}")
+    log.info("parity %s (%s): min cosine %.6f, relative error %.2e", path.name, meta.precision, similarity,
+             relative_error(expected, got))
+    return similarity

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from export import aisfx, logmel
+from export import aisfx, beats, dasheng, eat, logmel, m2d, muq
 from monitor.metadata import BackboneMetadata
 
 WINDOW_SECONDS = 10.0
@@ -74,5 +75,11 @@ EXPORTERS: dict[str, Exporter] = {
         Exporter("aisfx", "CNN pretrained on sound-effect libraries (44.1 kHz, 512-d)", aisfx.LICENCE,
                  "optional: the aisfx package's models/checkpoint.pth (the default)", _build_aisfx, builtin=True,
                  add_arguments=_aisfx_arguments),
+        Exporter("beats", beats.SUMMARY, beats.LICENCE, beats.CHECKPOINT, beats.build, add_arguments=beats.add_arguments),
+        Exporter("eat", eat.SUMMARY, eat.LICENCE, eat.CHECKPOINT, eat.build, add_arguments=eat.add_arguments),
+        *(Exporter(n, dasheng.summary(n), dasheng.LICENCE, dasheng.checkpoint_help(n), partial(dasheng.build, n))
+          for n in dasheng.SIZES),
+        Exporter("m2d", m2d.SUMMARY, m2d.LICENCE, m2d.CHECKPOINT, m2d.build, add_arguments=m2d.add_arguments),
+        Exporter("muq", muq.SUMMARY, muq.LICENCE, muq.CHECKPOINT, muq.build),
     )
 }

@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 PREFIX = "asd."
 FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ModelMetadataError(ValueError):
@@ -40,6 +41,10 @@ class BackboneMetadata:
     # 0: the graph takes exactly one window. > 0: it takes any length from this many seconds
     # up, so a clip shorter than the window can be embedded as it is instead of repeated.
     min_seconds: float = 0.0
+    # Numeric precision of the exported graph: fp32, fp16 (GPU) or int8 (dynamic quantisation for
+    # CPUs). Informative: a reduced-precision export also gets its own model_id, so a bank is never
+    # scored with embeddings of another precision. Files from before this field read as fp32.
+    precision: str = "fp32"
 
     @property
     def window_samples(self) -> int:
@@ -84,6 +89,8 @@ class BackboneMetadata:
             raise ModelMetadataError(f"{source}: metadata '{PREFIX}window_seconds' must be > 0, got {self.window_seconds}")
         if not 0 <= self.min_seconds <= self.window_seconds:
             raise ModelMetadataError(f"{source}: metadata '{PREFIX}min_seconds' must be in [0, window_seconds], got {self.min_seconds}")
+        if self.precision not in PRECISIONS:
+            raise ModelMetadataError(f"{source}: metadata '{PREFIX}precision' must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.name or not self.model_id:
             raise ModelMetadataError(f"{source}: metadata '{PREFIX}name' and '{PREFIX}model_id' must not be empty")
 
