@@ -324,17 +324,26 @@ def check_parity(
     session: ort.InferenceSession | None = None,
 ) -> float:
     """Run torch and onnxruntime (CPU) on the same input; return the relative error."""
+    expected, got = _both_outputs(module, path, meta, waveform, session)
+    error = relative_error(expected, got)
+    if not error < PARITY_RTOL:
+        raise ParityError(f"{path}: relative error {error:.2e} against torch exceeds {PARITY_RTOL:.0e}")
+    log.info("parity %s: relative error %.2e", path.name, error)
+    return error
+
+
+def _both_outputs(
+    module: torch.nn.Module, path: Path, meta: BackboneMetadata, waveform: torch.Tensor,
+    session: ort.InferenceSession | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """torch's and onnxruntime's (CPU) outputs for the same input, shapes checked."""
     with torch.no_grad():
         expected = module(waveform).numpy()
     session = session or ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([meta.output_name], {meta.input_name: waveform.numpy()})[0]
     if got.shape != expected.shape:
         raise ParityError(f"{path}: output shape {got.shape} != torch {expected.shape}")
-    error = relative_error(expected, got)
-    if not error < PARITY_RTOL:
-        raise ParityError(f"{path}: relative error {error:.2e} against torch exceeds {PARITY_RTOL:.0e}")
-    log.info("parity %s: relative error %.2e", path.name, error)
-    return error
+    return expected, got
 
 
 def cosine_similarity(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -350,12 +359,7 @@ def check_similarity(
 ) -> float:
     """The reduced-precision check: every embedding's cosine similarity to torch's float32 one
     at least ``MIN_COSINE[meta.precision]``; returns the smallest."""
-    with torch.no_grad():
-        expected = module(waveform).numpy()
-    session = session or ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([meta.output_name], {meta.input_name: waveform.numpy()})[0]
-    if got.shape != expected.shape:
-        raise ParityError(f"{path}: output shape {got.shape} != torch {expected.shape}")
+    expected, got = _both_outputs(module, path, meta, waveform, session)
     similarity = float(np.min(cosine_similarity(expected.astype(np.float64), got.astype(np.float64))))
     threshold = MIN_COSINE[meta.precision]
     if not similarity >= threshold:
