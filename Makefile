@@ -20,6 +20,8 @@ $(VENV)/.test: $(VENV)/.runtime
 	# An independent BEATs implementation (ESPnet), for parity tests only; its torchaudio
 	# dependency is not installable beside torch 2.13 and is stubbed by the test.
 	$(PIP) --no-deps openbeats==0.1.1
+	# The official Dasheng package, for the parity test against it (its torchaudio import is stubbed).
+	$(PIP) --no-deps dasheng==0.0.9 einops==0.8.2
 	touch $@
 
 setup: $(VENV)/.runtime

@@ -102,6 +102,35 @@ def step_onnx(path: str, name: str, repeats: int) -> dict:
     return {"onnx_s": round(seconds, 3), "onnx_load_s": round(load, 1), "onnx_peak_rss_mb": round(_peak_rss_mb())}
 
 
+def step_interleaved(name: str, out: Path, rounds: int) -> dict:
+    """torch eager and onnxruntime timed in turns in one process (one window each per round), so
+    that load from other processes falls on both alike; minimum and median over the rounds."""
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_backbone
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    module, meta = _build(name)
+    path = export_backbone(module, meta, out)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _window(name)
+    tx = torch.from_numpy(x)
+    runs = {"torch": lambda: module(tx), "onnx": lambda: session.run(None, {"waveform": x})}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()
+        for _ in range(rounds):
+            for key, run in runs.items():
+                t = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t)
+    result = {f"{k}_{f.__name__}_s": round(f(v), 3) for k, v in times.items() for f in (min, statistics.median)}
+    result["onnx_over_torch_min"] = round(result["onnx_min_s"] / result["torch_min_s"], 2)
+    return result
+
+
 def _child(step: str, *args: str, timeout: float) -> dict:
     command = [sys.executable, __file__, "--step", step, *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -160,6 +189,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()), help="scratch folder (needs ~10 GB)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per step")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "export_dasheng_m2d_muq.json")
+    parser.add_argument("--interleaved", type=int, metavar="ROUNDS",
+                        help="only time torch and onnxruntime in turns, ROUNDS rounds (a check of the ratio on a busy machine)")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,16 +200,28 @@ def main() -> int:
         logging.basicConfig(level=logging.WARNING)
         a = args.args
         result = {"export": lambda: step_export(a[0], Path(a[1]), a[2]),
+                  "interleaved": lambda: step_interleaved(a[0], Path(a[1]), int(a[2])),
                   "torch": lambda: step_torch(a[0], int(a[1])),
                   "onnx": lambda: step_onnx(a[0], a[1], int(a[2]))}[args.step]()
         print(json.dumps(result))
+        return 0
+    if args.interleaved:
+        timings = {}
+        for name in args.only or NAMES:
+            with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+                timings[name] = _child("interleaved", name, tmp, str(args.interleaved), timeout=args.timeout)
+            print(name, json.dumps(timings[name]), flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+        args.json.write_text(json.dumps({**previous, "interleaved": {**previous.get("interleaved", {}), **timings}},
+                                        indent=2) + "\n")
         return 0
     results = run(args.only or NAMES, args.int8, args.out, args.timeout)
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.json.read_text()) if args.json.exists() else {}
     merged = {**previous.get("backbones", {}), **results}
-    args.json.write_text(json.dumps({"machine": machine, "backbones": merged}, indent=2) + "\n")
+    args.json.write_text(json.dumps({**previous, "machine": machine, "backbones": merged}, indent=2) + "\n")
     print(table(merged))
     return 0
 
