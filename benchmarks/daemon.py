@@ -1,0 +1,519 @@
+"""End-to-end cost of the daemon: latency to MQTT, CPU per stream, memory, and how many machines
+one daemon watches in real time on this machine.
+
+What runs: the real ``monitor.daemon.Daemon`` with the built-in default config (backbone
+``aisfx``, Mahalanobis KNN, default alerts), one multi-channel ``file`` source replayed at
+speed 1.0 (real time; one machine per channel, distinct synthetic machine audio per channel from
+``tests/synth.py``, 16 kHz, written as 10 s WAV files so only 10 s is decoded at a time), every
+machine on a copy-free shared bank of 30 enrolled windows, a real mosquitto on loopback started
+here, and an independent subscriber (``mosquitto_sub``, its own process) on the score topics.
+
+Two changes to the daemon's behaviour, both in a subclass here, none in the product:
+
+* A replayed file normally *waits* for the models (every window gets scored). To measure when a
+  live microphone would lose windows, the subclass queues file windows the way it queues live
+  ones (``_enqueue``: a full queue drops its oldest window and counts it in
+  ``asd_windows_total{status="dropped"}``).
+* ``process`` is wrapped to record, per window, the time from the window's last sample being
+  available (``QueuedWindow.ready``, the same start point as the histogram
+  ``asd_window_latency_seconds``) to the end of processing, including the MQTT publish call
+  (paho's ``publish`` returns once the message is queued for its network thread). These are the
+  histogram's own observations, kept raw for percentiles (the histogram's sum and count are
+  checked against them). The subscriber gives the second figure: arrival at another MQTT client
+  minus the window's end time from the payload (``end``; millisecond resolution; with 10 ms
+  blocks the file source makes the last block available up to 10 ms before a sound card would).
+
+Per run (one fresh process per run, so ``ru_maxrss`` is that run's peak): N machines, hop H,
+S seconds of audio. The runs set ``OPENBLAS_NUM_THREADS=1`` and ``OMP_NUM_THREADS=1`` (numpy and
+faiss; onnxruntime keeps its own pool): without them a machine's bank fit took ~12 s instead of
+~0.5 s on this busy machine, which made starting 32 machines take minutes (one run measures the
+daemon without them). A run "keeps up" when no window was dropped and every window was processed
+before the next hop's windows arrived: every hop's burst of N windows drained within the hop
+(the last one included), so no backlog is carried from one hop to the next. The queue
+is sized ``max(8, 2 N)`` so that it measures processing rather than the burst of N windows that
+every hop delivers at once; the run also records the deepest queue seen, which says what the
+default ``daemon.queue_size: 8`` would have dropped.
+
+Also measured, side by side in one process: onnxruntime on ``monitor/assets/aisfx.onnx`` with
+intra-op threads 1 / 2, a parallel executor with 2 inter-op threads, two worker threads at one
+intra-op thread each, and batches of 1..16 windows per call (what batching the windows of
+several machines into one call would gain).
+
+    .venv/bin/python benchmarks/daemon.py                   # everything, about 15 min here
+    .venv/bin/python benchmarks/daemon.py --seconds 60      # as recorded in results/daemon.json (18 min)
+    .venv/bin/python benchmarks/daemon.py --seconds 40 --hop10 1,8 --hop5 '' --no-onnx   # quick
+
+Results: ``benchmarks/results/daemon.json``. Absolute times are noise on this shared machine: the
+load average is recorded; compare rows of one run (ratios), not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, LoadMonitor, Mosquitto, loadavg, percentile, table, write_json
+
+RATE = 16000
+BANK_WINDOWS = 30
+QUEUE_DEFAULT = 8
+
+
+# ======================================================================= audio and bank
+
+def write_multichannel(folder: Path, channels: int, seconds: int, seed: int = 1000) -> Path:
+    """``seconds`` of distinct normal machine sound per channel, as 10 s WAV files (PCM 16)."""
+    import soundfile as sf
+
+    from tests.synth import machine_sound
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = 10
+    for f in range(0, seconds, per_file):
+        length = min(per_file, seconds - f)
+        data = np.stack([machine_sound(seed + 997 * c + f, length) for c in range(channels)], axis=1)
+        sf.write(folder / f"{f // per_file:04d}.wav", data, RATE, subtype="PCM_16")
+    return folder
+
+
+def enroll_bank(bank_dir: Path, work: Path) -> float:
+    """A bank of ``BANK_WINDOWS`` 10 s windows of the synthetic machine; returns seconds taken."""
+    from monitor.bank import BankStore
+    from monitor.config import Config
+    from monitor.detector import Detector
+    from monitor.enroll import enroll_files
+    from tests.synth import machine_sound, write_clip
+
+    began = time.perf_counter()
+    clips = [write_clip(work / f"enroll_{i:02d}.flac", machine_sound(i, 10.0)) for i in range(BANK_WINDOWS)]
+    enroll_files(Detector.from_config(Config()), BankStore(bank_dir), clips, "default")
+    return time.perf_counter() - began
+
+
+# ================================================================= one run (child process)
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS) or its peak (VmHWM) of this process, in MB.
+
+    Not ``ru_maxrss``: Linux keeps it across fork and exec, so a child would report the peak of
+    the parent that started it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child(args: argparse.Namespace) -> int:
+    """Run the daemon once; write a JSON result to ``args.out``."""
+    sys.path.insert(0, str(ROOT))
+    import monitor.daemon as daemon_module
+    from monitor.config import (Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, RuntimeConfig,
+                                SourceConfig)
+    from monitor.daemon import Daemon
+    from monitor.detector import Detector
+    from monitor.knn import KnnScorer
+
+    n, hop = args.n, args.hop
+    queue_size = args.queue or max(QUEUE_DEFAULT, 2 * n)
+    state = Path(args.state)
+    config = Config(
+        runtime=RuntimeConfig(threads=args.ort_threads),
+        daemon=DaemonConfig(name="bench", state_dir=state, hop_seconds=hop, queue_size=queue_size),
+        sources=[SourceConfig(name="mc", type="file", paths=[Path(args.audio)], channels=n, sample_rate=RATE,
+                              block_size=160, speed=1.0)],
+        machines=[MachineConfig(f"m{i:02d}", "mc", channel=i, bank=Path(args.bank)) for i in range(n)],
+        mqtt=MqttConfig(enabled=args.port > 0, port=max(args.port, 1), site="bench", client_id=f"bench-{n}-{hop}-{os.getpid()}"),
+        metrics=MetricsConfig(port=0),
+    )
+
+    # ---- stage timers (wall seconds per call, worker thread), around the real functions
+    stages: dict[str, list[float]] = {"embed (resample + onnxruntime)": [], "onnxruntime run": [],
+                                      "knn score": [], "sensor checks": [], "publish score": []}
+
+    def timed(label: str, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                stages[label].append(time.perf_counter() - t)
+        return wrapper
+
+    from monitor.backbone import Backbone
+    Detector.embed = timed("embed (resample + onnxruntime)", Detector.embed)
+    Backbone.embed = timed("onnxruntime run", Backbone.embed)
+    KnnScorer.score_with_conditions = timed("knn score", KnnScorer.score_with_conditions)
+    daemon_module.check_window = timed("sensor checks", daemon_module.check_window)
+    Daemon._publish_score = timed("publish score", Daemon._publish_score)
+
+    records: list[tuple[str, float, float, float, float]] = []  # machine, window start, ready, began, done
+    depth_at_put: list[int] = []
+
+    class BenchDaemon(Daemon):
+        def _wait_enqueue(self, item):  # a file queued like live audio: drop the oldest when full
+            self._enqueue(item)
+            depth_at_put.append(self.queue.qsize())
+
+        def process(self, item):
+            began = time.monotonic()
+            try:
+                super().process(item)
+            finally:
+                records.append((item.machine.name, item.window.start_time, item.ready, began, time.monotonic()))
+
+    daemon = BenchDaemon(config)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    daemon.start()
+    start_s, start_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    rss_started = rss_mb()
+    c1, t1 = cpu_seconds(), time.perf_counter()
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample_queue():
+        while not stop.wait(0.05):
+            samples.append((time.monotonic(), daemon.queue.qsize()))
+
+    sampler = threading.Thread(target=sample_queue, daemon=True)
+    sampler.start()
+    try:
+        daemon.run()
+    finally:
+        run_cpu, run_wall = cpu_seconds() - c1, time.perf_counter() - t1
+        stop.set()
+        sampler.join()
+        daemon.stop()
+    peak_rss = rss_mb("VmHWM")
+
+    metric = daemon.telemetry.registry.get_sample_value
+    names = [m.name for m in daemon.machines]
+    dropped = sum(metric("asd_windows_total", {"machine": m, "status": "dropped"}) or 0 for m in names)
+    ok = sum(metric("asd_windows_total", {"machine": m, "status": "ok"}) or 0 for m in names)
+    faults = sum(metric("asd_windows_total", {"machine": m, "status": "sensor_fault"}) or 0 for m in names)
+    hist_count = sum(metric("asd_window_latency_seconds_count", {"machine": m}) or 0 for m in names)
+    hist_sum = sum(metric("asd_window_latency_seconds_sum", {"machine": m}) or 0 for m in names)
+    alerts = sum(metric("asd_alerts_total", {"machine": m, "type": "raise"}) or 0 for m in names)
+
+    latencies = [done - ready for _m, _s, ready, _b, done in records]
+    waits = [began - ready for _m, _s, ready, began, _d in records]
+    # Backlog: windows of one hop still being processed when the next hop's windows arrived.
+    bursts: dict[float, list[tuple[float, float]]] = {}
+    for _m, start, ready, _b, done in records:
+        bursts.setdefault(round(start, 3), []).append((ready, done))
+    ordered = sorted(bursts.items())
+    carried = 0
+    for (_s, cur), (_s2, nxt) in zip(ordered, ordered[1:]):
+        next_ready = min(r for r, _d in nxt)
+        carried += sum(1 for _r, d in cur if d > next_ready)
+    last_done_after_burst = [max(d for _r, d in items) - min(r for r, _d in items) for _s, items in ordered]
+    audio_seconds = args.seconds
+    expected_per_machine = int((audio_seconds - 10) // hop) + 1
+    result = {
+        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": queue_size, "ort_threads": args.ort_threads,
+        "expected_windows": expected_per_machine * n, "processed": len(records), "ok": ok, "sensor_fault": faults,
+        "dropped": dropped, "alerts_raised": alerts, "carried_over": carried,
+        "keeps_up": bool(dropped == 0 and carried == 0 and len(records) == expected_per_machine * n
+                         and max(last_done_after_burst, default=0.0) < hop),
+        "start_s": round(start_s, 2), "start_cpu_s": round(start_cpu, 2),
+        "run_wall_s": round(run_wall, 2), "run_cpu_s": round(run_cpu, 2),
+        "cpu_s_per_audio_s_per_stream": round(run_cpu / audio_seconds / n, 4),
+        "cores_busy": round(run_cpu / run_wall, 3),
+        "latency_median_s": round(statistics.median(latencies), 3) if latencies else None,
+        "latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+        "latency_max_s": round(max(latencies), 3) if latencies else None,
+        "queue_wait_median_s": round(statistics.median(waits), 3) if waits else None,
+        "burst_drain_s": [round(x, 3) for x in last_done_after_burst],
+        "queue_max_sampled": max((d for _t, d in samples), default=0),
+        "queue_max_at_put": max(depth_at_put, default=0),
+        "default_queue_would_drop": bool(max(depth_at_put, default=0) >= QUEUE_DEFAULT),
+        "histogram_count": hist_count, "histogram_mean_s": round(hist_sum / hist_count, 3) if hist_count else None,
+        "rss_after_start_mb": round(rss_started, 1), "peak_rss_mb": round(peak_rss, 1),
+        "stage_median_ms": {k: round(1e3 * statistics.median(v), 2) for k, v in stages.items() if v},
+        "stage_calls": {k: len(v) for k, v in stages.items()},
+        "per_window_proc_median_s": round(statistics.median([d - b for _m, _s, _r, b, d in records]), 4) if records else None,
+        "loadavg_end": loadavg(),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# ============================================================================ parent
+
+def iso_to_epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Mosquitto | None,
+            queue: int = 0, ort_threads: int = 0, one_blas_thread: bool = True) -> dict:
+    audio = write_multichannel(work / f"audio-{n}ch-{seconds}s", n, seconds)
+    out = work / f"result-{n}-{hop}-{queue}.json"
+    state = work / f"state-{n}-{hop}-{queue}"
+    shutil.rmtree(state, ignore_errors=True)
+    sub, sub_file = None, work / f"sub-{n}-{hop}-{queue}.txt"
+    if broker is not None:
+        sub_cmd = [shutil.which("mosquitto_sub") or "mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port),
+                   "-t", "asd/bench/+/score", "-F", "%U %p", "-q", "0"]
+        sub = subprocess.Popen(sub_cmd, stdout=open(sub_file, "w"), stderr=subprocess.DEVNULL)
+    broker_cpu0 = broker.cpu_seconds() if broker else None
+    cmd = [sys.executable, __file__, "--child", "--n", str(n), "--hop", str(hop), "--seconds", str(seconds),
+           "--audio", str(audio), "--bank", str(bank), "--state", str(state), "--out", str(out),
+           "--port", str(broker.port if broker else 0), "--queue", str(queue), "--ort-threads", str(ort_threads)]
+    env = dict(os.environ)
+    if one_blas_thread:  # numpy's OpenBLAS and faiss's OpenMP; onnxruntime has its own pool
+        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - began
+    if sub is not None:
+        time.sleep(1.0)
+        sub.terminate()
+        sub.wait(timeout=10)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run n={n} hop={hop} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    result["process_wall_s"] = round(wall, 1)
+    result["one_blas_thread"] = one_blas_thread
+    if broker is not None:
+        result["broker_cpu_s"] = round((broker.cpu_seconds() or 0) - (broker_cpu0 or 0), 3)
+        arrivals = []
+        for line in sub_file.read_text().splitlines():
+            stamp, payload = line.split(" ", 1)
+            try:
+                message = json.loads(payload)
+            except json.JSONDecodeError:
+                continue
+            arrivals.append(float(stamp) - iso_to_epoch(message["end"]))
+        result["mqtt_received"] = len(arrivals)
+        result["mqtt_latency_median_s"] = round(statistics.median(arrivals), 3) if arrivals else None
+        result["mqtt_latency_p99_s"] = round(percentile(arrivals, 99), 3) if arrivals else None
+    shutil.rmtree(audio, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    return result
+
+
+# ----------------------------------------------------------------- onnxruntime study
+
+def onnx_study(seconds_per_case: float) -> dict:
+    """Per-window wall time of aisfx for thread settings and batch sizes, side by side."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT))
+    from monitor.audio import resample
+    from monitor.backbone import ASSETS
+    from tests.synth import machine_sound
+
+    path = str(ASSETS / "aisfx.onnx")
+    window = resample(machine_sound(5, 10.0)[:, None], RATE, 44100)[:, 0]
+    windows = np.stack([np.roll(window, 997 * i) for i in range(16)]).astype(np.float32)
+
+    def session(intra: int, inter: int = 1, parallel: bool = False) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra
+        options.inter_op_num_threads = inter
+        options.log_severity_level = 3
+        if parallel:
+            options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def measure(run, batch: int) -> dict:
+        reset = reset_peak_rss()
+        run(batch)  # warm-up (allocations for this shape)
+        walls, cpus = [], []
+        began = time.perf_counter()
+        while len(walls) < 2 or (time.perf_counter() - began < seconds_per_case and len(walls) < 40):
+            t, c = time.perf_counter(), time.process_time()
+            run(batch)
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+        wall = statistics.median(walls)
+        return {"batch": batch, "calls": len(walls), "wall_per_window_ms": round(1e3 * wall / batch, 1),
+                "cpu_per_window_ms": round(1e3 * statistics.median(cpus) / batch, 1),
+                "windows_per_s": round(batch / wall, 2),
+                "peak_rss_mb": round(rss_mb("VmHWM"), 0) if reset else None}
+
+    cases: list[dict] = []
+    sessions = {"intra 1": session(1), "intra 2": session(2), "intra 0 (daemon default)": session(0),
+                "parallel, inter 2, intra 1": session(1, 2, parallel=True)}
+    name = sessions["intra 1"].get_inputs()[0].name
+    for label, sess in sessions.items():
+        def run(batch, sess=sess):
+            sess.run(None, {name: windows[:batch]})
+        cases.append({"setting": label, **measure(run, 1)})
+    # Two worker threads, each with its own one-thread session, running batch-1 calls at once.
+    pair = [session(1), session(1)]
+
+    def run_pair(batch):
+        threads = [threading.Thread(target=s.run, args=(None, {name: windows[i:i + 1]})) for i, s in enumerate(pair)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    result = measure(run_pair, 1)
+    # run_pair processes 2 windows per call
+    result["wall_per_window_ms"] = round(result["wall_per_window_ms"] / 2, 1)
+    result["cpu_per_window_ms"] = round(result["cpu_per_window_ms"] / 2, 1)
+    result["windows_per_s"] = round(result["windows_per_s"] * 2, 2)
+    cases.append({"setting": "2 workers x intra 1", **result})
+
+    batches: list[dict] = []
+    for label in ("intra 0 (daemon default)", "intra 1"):
+        sess = sessions[label]
+
+        def run(batch, sess=sess):
+            sess.run(None, {name: windows[:batch]})
+        for batch in (1, 2, 4, 8, 16):
+            batches.append({"setting": label, **measure(run, batch)})
+    return {"threads": cases, "batch": batches, "loadavg": loadavg()}
+
+
+# ------------------------------------------------------------------------------ main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=50, help="audio per run (multiple of 10)")
+    parser.add_argument("--name", default="daemon", help="results file: benchmarks/results/NAME.json")
+    parser.add_argument("--hop10", default="1,2,4,8,16,24,32,48", help="streams to try at hop 10 s, until one fails")
+    parser.add_argument("--hop5", default="1,8,12,16,24", help="streams to try at hop 5 s, until one fails")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the standalone onnxruntime study")
+    parser.add_argument("--onnx-seconds", type=float, default=3.0, help="time per onnxruntime case")
+    parser.add_argument("--default-queue-run", type=int, default=16,
+                        help="also run N machines with the default queue_size 8 for 30 s (0: skip)")
+    parser.add_argument("--as-shipped-run", type=int, default=2,
+                        help="also run N machines for 30 s without limiting BLAS/OpenMP threads (0: skip)")
+    parser.add_argument("--budget", type=float, default=720.0,
+                        help="start no new ladder run after this many seconds (the three short studies always run)")
+    # child-process arguments
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for name, kind in (("--n", int), ("--hop", float), ("--audio", str), ("--bank", str), ("--state", str),
+                       ("--out", str), ("--port", int), ("--queue", int), ("--ort-threads", int)):
+        parser.add_argument(name, type=kind, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    sys.path.insert(0, str(ROOT))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up broker and files on kill
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="asd-bench-daemon-"))
+    results: dict = {"seconds_per_run": args.seconds, "bank_windows": BANK_WINDOWS, "runs": [], "not_run": []}
+    broker = None
+    try:
+        with LoadMonitor() as load:
+            broker = Mosquitto.start_or_none(work / "mosquitto")
+            if broker is None:
+                results["not_run"].append("mosquitto not installed: no MQTT publish or subscriber latency")
+            results["enroll_s"] = round(enroll_bank(work / "bank", work / "enroll"), 1)
+            for hop, ladder in ((10.0, args.hop10), (5.0, args.hop5)):
+                for n in [int(x) for x in ladder.split(",") if x]:
+                    if time.perf_counter() - started > args.budget:  # the short runs below always run
+                        results["not_run"].append(f"hop {hop:g} n={n}: time budget spent")
+                        continue
+                    r = run_one(n, hop, args.seconds, work, work / "bank", broker)
+                    results["runs"].append(r)
+                    print(f"hop {hop:g} n={n}: keeps up {r['keeps_up']}, dropped {r['dropped']}, carried {r['carried_over']}, "
+                          f"latency median {r['latency_median_s']} p99 {r['latency_p99_s']} s, "
+                          f"cpu/stream {r['cpu_s_per_audio_s_per_stream']}, rss {r['peak_rss_mb']} MB, load {loadavg()[0]}",
+                          flush=True)
+                    if not r["keeps_up"]:
+                        break
+            if args.default_queue_run:
+                n = args.default_queue_run
+                r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, queue=QUEUE_DEFAULT)
+                r["note"] = "default daemon.queue_size 8"
+                results["default_queue"] = r
+                print(f"n={n} with queue_size 8: dropped {r['dropped']} of {r['expected_windows']}", flush=True)
+            if not args.no_onnx:
+                print("onnxruntime study ...", flush=True)
+                results["onnxruntime"] = onnx_study(args.onnx_seconds)
+            if args.as_shipped_run:
+                n = args.as_shipped_run
+                r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, one_blas_thread=False)
+                r["note"] = "BLAS/OpenMP threads not limited (as the daemon runs today)"
+                results["as_shipped"] = r
+                print(f"n={n} as shipped: start {r['start_s']} s, latency median {r['latency_median_s']} s", flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    report(results)
+    write_json(args.name, results, load)
+    return 0
+
+
+def report(results: dict) -> None:
+    runs = results["runs"]
+    table(["hop s", "N", "keeps up", "windows", "dropped", "carried", "lat med s", "lat p99 s", "mqtt med", "mqtt p99",
+           "queue max", "cpu s/s/stream", "cores", "start s", "peak RSS MB", "load"],
+          [[r["hop_s"], r["n"], r["keeps_up"], f"{r['processed']}/{r['expected_windows']}", r["dropped"], r["carried_over"],
+            r["latency_median_s"], r["latency_p99_s"], r.get("mqtt_latency_median_s"), r.get("mqtt_latency_p99_s"),
+            r["queue_max_at_put"], r["cpu_s_per_audio_s_per_stream"], r["cores_busy"], r["start_s"], r["peak_rss_mb"],
+            r["loadavg_end"][0]] for r in runs],
+          title=f"Daemon, aisfx, real-time multichannel file source, {results['seconds_per_run']} s of audio per run "
+                "(latency: window ready -> processed incl. MQTT publish call; mqtt: end of window -> independent subscriber)")
+    if runs:
+        stages = runs[0]["stage_median_ms"]
+        table(["stage", "median ms per window"], [[k, v] for k, v in stages.items()],
+              title=f"Where a window's time goes (N={runs[0]['n']}, hop {runs[0]['hop_s']:g})")
+    onnx = results.get("onnxruntime")
+    if onnx:
+        base = onnx["threads"][0]["wall_per_window_ms"]
+        table(["setting", "batch", "wall ms/window", "cpu ms/window", "windows/s", "vs intra 1"],
+              [[c["setting"], c["batch"], c["wall_per_window_ms"], c["cpu_per_window_ms"], c["windows_per_s"],
+                round(base / c["wall_per_window_ms"], 2)] for c in onnx["threads"]],
+              title="onnxruntime aisfx, one 10 s window per call: thread settings (side by side)")
+        rows = []
+        for c in onnx["batch"]:
+            b1 = next(x for x in onnx["batch"] if x["setting"] == c["setting"] and x["batch"] == 1)
+            rows.append([c["setting"], c["batch"], c["wall_per_window_ms"], c["cpu_per_window_ms"], c["windows_per_s"],
+                         round(b1["wall_per_window_ms"] / c["wall_per_window_ms"], 2), c.get("peak_rss_mb")])
+        table(["setting", "batch", "wall ms/window", "cpu ms/window", "windows/s", "gain vs batch 1", "peak RSS MB"], rows,
+              title="onnxruntime aisfx: windows of several machines in one call")
+    pinned = [r for r in runs if r["n"] == results.get("as_shipped", {}).get("n") and r["hop_s"] == 10.0]
+    if "as_shipped" in results and pinned:
+        a, b = results["as_shipped"], pinned[0]
+        table(["threads", "N", "start s", "start CPU s", "lat med s", "lat p99 s", "knn ms", "cpu s/s/stream"],
+              [["OPENBLAS/OMP 1 (runs above)", b["n"], b["start_s"], b["start_cpu_s"], b["latency_median_s"], b["latency_p99_s"],
+                b["stage_median_ms"].get("knn score"), b["cpu_s_per_audio_s_per_stream"]],
+               ["not limited (as shipped)", a["n"], a["start_s"], a["start_cpu_s"], a["latency_median_s"], a["latency_p99_s"],
+                a["stage_median_ms"].get("knn score"), a["cpu_s_per_audio_s_per_stream"]]],
+              title="numpy/faiss threads: start-up (bank fit: Mahalanobis leave-one-out, 10 eigendecompositions per machine)")
+    if "default_queue" in results:
+        r = results["default_queue"]
+        print(f"With the default daemon.queue_size 8 and N={r['n']} (hop 10): {r['dropped']} of {r['expected_windows']} "
+              f"windows dropped, queue max {r['queue_max_at_put']}\n")
+    for line in results["not_run"]:
+        print("not run:", line)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
