@@ -7,13 +7,56 @@ unequal amounts: scoring each sub-bank separately and taking the minimum lets a
 condition with a handful of clips count as much as one with thousands, instead
 of its few neighbours being drowned out.
 
-Search uses flat (exact) faiss indexes.  faiss wins for the daemon's pattern of
-one query per window against a large bank; measurements showed numpy matmul can
-be faster for batch evaluation at d=768 below ~167 queries, because faiss's
-bundled BLAS uses a generic kernel.  For now flat faiss is used everywhere; a
-benchmark will later pick the index type by bank size.  The faiss thread count
-is deliberately left to the caller (``faiss.omp_set_num_threads`` is not called
-here), since only the application knows how many cores it may take.
+Index choice (``index``: ``auto`` | ``flat`` | ``hnsw``), per condition sub-bank.
+Measured with ``benchmarks/knn.py`` (d = 512, faiss-cpu 1.15, a shared 2-core
+machine at load 4-8; results in ``benchmarks/results/knn.json``), one query as the
+daemon searches, one thread:
+
+=========  =====================  ===============================  ==================
+sub-bank   flat (exact)           HNSW32, ef_search 256            HNSW build (2 thr.)
+=========  =====================  ===============================  ==================
+1e3        0.03-0.04 ms           0.12-0.13 ms                     0.4-0.7 s
+1e4        0.5-0.7 ms             0.6-0.8 ms                       2.7-4 s
+1e5        13-15 ms               0.3-3.4 ms; recall@1 0.995       31-59 s
+                                  clustered / 0.84 random
+1e6        102-119 ms             1.2 ms; recall@1 0.92 clustered  437 s
+=========  =====================  ===============================  ==================
+
+``auto`` is flat below ``AUTO_HNSW_MIN_SIZE`` = 100 000 embeddings in a condition
+(11.6 days of 10 s windows) and HNSW from there. Below it an exact search costs
+at most ~15 ms, under 5 % of what embedding the same window with aisfx costs
+(~300 ms here), so an approximate index would buy nothing and cost a build at
+every bank load (tens of seconds) and approximate scores. Above it the flat cost
+grows linearly (~0.1 s at 1e6, a third of the embedding) and HNSW stays near
+1 ms. What approximation does to a score: a graph search can only miss
+neighbours, so a score is never below the exact one; measured at ef_search 256
+the nearest distance was on average 0.09 % (random 1e5) / 0.7 % (clustered 1e6)
+too large, at the 99th percentile 1.3 % / 18 % (some clusters of a 1e6 graph
+built with ef_construction 40 were unreachable). Scores slightly too high mean
+slightly more windows above the threshold: banks this large should rather be
+compacted (fewer, representative windows) than searched approximately; HNSW is
+the safety net that keeps such a bank within real time. IVF was measured too
+(exact on clustered data at nprobe 8, 0.9 ms at 1e6, but recall@1 0.09-0.33 on
+random data at 1e5-1e6, and it needs training): not offered.
+
+The leave-one-out reference is always exact, whatever the index: it is the
+reference every live score is ranked against, and approximate neighbours there
+would inflate the reference (too few alarms) by an amount unrelated to the
+(different) inflation of live scores. It searches the flat storage inside an
+HNSW index (same vectors, same ids; no second copy), and the per-fold indexes of
+the whitened metrics are always flat. Its cost is quadratic in the bank size
+(1e4: 20-30 s here, 1e5: ~40 min extrapolated): ``leave_one_out(max_rows=...)``
+computes it, still exactly, for an evenly spread sample of rows only.
+
+Threads: faiss's thread count is left to the caller (``faiss.omp_set_num_threads``
+is not called here), since only the application knows how many cores it may
+take. Measured: on a busy 2-core machine one flat query with 2 OpenMP threads
+took 5-48x longer than with 1 from 1e4 embeddings up (1e4: 16 vs 0.7 ms; 1e5: 77
+vs 15 ms); a daemon searching one query per window should run faiss with one
+thread. numpy matmul
+was slower than faiss flat for single queries (1e5: 28 vs 15 ms) and for batches
+of 1000 at 1e5 (131 vs 206 queries/s), faster for batches of 200 at 1e6 (15 vs
+7 queries/s): faiss is used throughout.
 """
 
 from __future__ import annotations
@@ -36,6 +79,13 @@ _STD_FLOOR = 1e-8
 # Whitened metrics estimate their statistics without the scored embedding's
 # fold in the leave-one-out reference (see KnnScorer.leave_one_out).
 LOO_FOLDS = 10
+
+# Index choice per condition sub-bank (see the module docstring for the measurements).
+INDEX_TYPES = ('auto', 'flat', 'hnsw')
+AUTO_HNSW_MIN_SIZE = 100_000  # auto: HNSW from this many embeddings in a condition, flat below
+HNSW_M = 32  # graph degree
+HNSW_EF_CONSTRUCTION = 40  # faiss's default
+HNSW_EF_SEARCH = 256  # candidates kept while searching (raised to k when k is larger)
 
 
 class KnnError(ValueError):
@@ -67,9 +117,12 @@ class KnnScorer:
         metric: str = 'cosine',
         k: int = 1,
         shrinkage: float = 0.5,
+        index: str = 'auto',
     ) -> None:
         if metric not in METRICS:
             raise KnnError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+        if index not in INDEX_TYPES:
+            raise KnnError(f"unknown index {index!r} (expected one of {', '.join(INDEX_TYPES)})")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise KnnError(f"k must be an integer >= 1, got {k!r}")
         if not 0.0 < shrinkage <= 1.0:
@@ -80,6 +133,7 @@ class KnnScorer:
         labels = _condition_labels(conditions, bank.shape[0])
 
         self._metric = metric
+        self._index = index
         self._k = int(k)
         self._shrinkage = float(shrinkage)
         self._bank = bank
@@ -89,11 +143,12 @@ class KnnScorer:
         self._group_of = np.empty(bank.shape[0], dtype=np.int64)
         for g, members in enumerate(self._groups):
             self._group_of[members] = g
-        self._indexes = self._build_indexes(self._prepare(bank, self._transform))
+        self._kinds = tuple(self._index_kind(members.size) for members in self._groups)
+        self._indexes = self._build_indexes(self._prepare(bank, self._transform), self._kinds)
         logger.debug(
             "KNN bank: %d embeddings, dim %d, metric %s, k %d, conditions %s",
             bank.shape[0], bank.shape[1], metric, self._k,
-            {name: members.size for name, members in zip(self._names, self._groups)},
+            {name: (members.size, kind) for name, members, kind in zip(self._names, self._groups, self._kinds)},
         )
 
     @property
@@ -113,6 +168,21 @@ class KnnScorer:
         """Sorted unique operating conditions ('' alone when none were given)."""
         return self._names
 
+    @property
+    def index(self) -> str:
+        """The index setting asked for: ``auto``, ``flat`` or ``hnsw``."""
+        return self._index
+
+    @property
+    def index_types(self) -> dict[str, str]:
+        """The index actually used for each condition's live search: ``flat`` or ``hnsw``."""
+        return dict(zip(self._names, self._kinds))
+
+    def _index_kind(self, size: int) -> str:
+        if self._index == 'auto':
+            return 'hnsw' if size >= AUTO_HNSW_MIN_SIZE else 'flat'
+        return self._index
+
     def __len__(self) -> int:
         return self._bank.shape[0]
 
@@ -128,12 +198,18 @@ class KnnScorer:
         if raw.shape[0]:
             prepared = self._prepare(raw, self._transform)
             for g, (members, index) in enumerate(zip(self._groups, self._indexes)):
-                found, _ = index.search(prepared, min(self._k, members.size))
+                kk = min(self._k, members.size)
+                found, ids = index.search(prepared, kk)
+                missing = (ids < 0).any(axis=1)
+                if missing.any():
+                    # An approximate graph search that came back with fewer than k results
+                    # (not seen in practice with ef_search >= k): those queries go exact.
+                    found[missing], _ = _exact(index).search(np.ascontiguousarray(prepared[missing]), kk)
                 per_condition[g] = self._to_distance(found).mean(axis=1)
         nearest = per_condition.argmin(axis=0)
         return per_condition.min(axis=0, initial=np.inf), [self._names[g] for g in nearest]
 
-    def leave_one_out(self) -> np.ndarray:
+    def leave_one_out(self, max_rows: int | None = None) -> np.ndarray:
         """Score [N] of every bank embedding against the bank without itself.
 
         This is the anchored reference of normal scores that new scores are
@@ -146,19 +222,34 @@ class KnnScorer:
         alarms); refitting them per embedding costs a D x D decomposition each,
         so they are fitted once per fold of ``LOO_FOLDS`` folds, leaving that
         fold out. A bank of one embedding has no reference and gives nan.
+
+        Neighbours are always searched exactly (flat), also when live scores use
+        an HNSW index (see the module docstring). The cost is quadratic in the
+        bank size; ``max_rows`` bounds it: only that many rows, evenly spread
+        over the bank, are scored (exactly, against all the others) and the
+        rest are nan, which ``fusion.rank_ratio`` and ``RollingReference`` skip.
         """
         n = len(self)
         if n == 1:
             return np.full(1, np.nan)
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1):
+            raise KnnError(f"max_rows must be an integer >= 1 or None, got {max_rows!r}")
+        chosen = np.arange(n) if max_rows is None or max_rows >= n else np.unique(np.linspace(0, n - 1, int(max_rows)).round().astype(np.int64))
         if self._metric not in WHITENED:
-            return self._loo_rows(self._prepare(self._bank, self._transform), self._indexes, np.arange(n))
+            exact = [_exact(index) for index in self._indexes]
+            best = np.full(n, np.nan)
+            best[chosen] = self._loo_rows(self._prepare(self._bank, self._transform), exact, chosen)
+            return best
         best = np.full(n, np.nan)
         folds = np.arange(n) % min(n, LOO_FOLDS)
+        flat = ('flat',) * len(self._groups)
         for fold in np.unique(folds):
-            rows = np.flatnonzero(folds == fold)
+            rows = chosen[folds[chosen] == fold]
+            if rows.size == 0:
+                continue
             transform = self._fit_transform(self._bank[folds != fold])
             prepared = self._prepare(self._bank, transform)
-            best[rows] = self._loo_rows(prepared, self._build_indexes(prepared), rows)
+            best[rows] = self._loo_rows(prepared, self._build_indexes(prepared, flat), rows)
         return best
 
     def _loo_rows(self, prepared: np.ndarray, indexes: list[faiss.Index], rows: np.ndarray) -> np.ndarray:
@@ -187,10 +278,17 @@ class KnnScorer:
             best[inside] = np.minimum(best[inside], self._to_distance(others).mean(axis=1))
         return best
 
-    def _build_indexes(self, prepared: np.ndarray) -> list[faiss.Index]:
+    def _build_indexes(self, prepared: np.ndarray, kinds: Sequence[str]) -> list[faiss.Index]:
+        """One index per condition, of the given kinds (``flat`` or ``hnsw``)."""
         indexes = []
-        for members in self._groups:
-            index = faiss.IndexFlatIP(self.dim) if self._metric == 'cosine' else faiss.IndexFlatL2(prepared.shape[1])
+        measure = faiss.METRIC_INNER_PRODUCT if self._metric == 'cosine' else faiss.METRIC_L2
+        for members, kind in zip(self._groups, kinds):
+            if kind == 'hnsw':
+                index = faiss.IndexHNSWFlat(prepared.shape[1], HNSW_M, measure)
+                index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+                index.hnsw.efSearch = max(HNSW_EF_SEARCH, self._k)
+            else:
+                index = faiss.IndexFlat(prepared.shape[1], measure)
             index.add(np.ascontiguousarray(prepared[members]))
             indexes.append(index)
         return indexes
@@ -236,6 +334,17 @@ class KnnScorer:
             # float32 rounding can push a similarity just past +-1.
             return np.clip(1.0 - found, 0.0, 2.0)
         return np.sqrt(np.maximum(found, 0.0))
+
+
+def _exact(index: faiss.Index) -> faiss.Index:
+    """An exact (flat) index over the same vectors, with the same ids.
+
+    An ``IndexHNSWFlat`` keeps its vectors in a flat ``storage`` index, searched here by brute
+    force: the leave-one-out reference gets exact neighbours without a second copy of the bank.
+    """
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.downcast_index(index.storage)
+    return index
 
 
 def _as_matrix(x: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:

@@ -1,0 +1,313 @@
+"""What a plant cares about: false alerts per day on normal audio, and how much of a fault is caught.
+
+For each machine of the benchmark sets in ``../shared/data/bench`` (``uav-noisy``, ``fan-noisy``;
+read by path, skipped when absent):
+
+1. enroll the train split's normal clips into a bank with ``monitor.enroll.enroll_files``, the
+   domain as the operating condition (as ``asd-monitor evaluate`` does). Clips shorter than the
+   daemon's 10 s window (fan-noisy: 5 s) are first joined, per domain, into one recording, so the
+   bank holds 10 s windows like the ones the daemon will score (the stream below joins them too);
+2. replay the NORMAL test clips, back to back, as one stream through the real daemon
+   (``monitor.daemon.Daemon``: file source at speed 1000, hop 10 s, sensor checks, KNN, rolling
+   rank reference, alert state machine, events log; MQTT and metrics endpoint off) and count
+   the alerts raised -> alerts per day of normal audio;
+3. replay the ANOMALOUS test clips the same way (a fresh daemon, same bank): share of anomalous
+   windows flagged (fused rank above the threshold), share of them covered by an open alert,
+   number of alerts, and the window at which the first one was raised.
+
+Both for the default alert settings and alternative thresholds / N-of-M rules, each a real
+daemon run. The ONNX embedding of a window does not depend on the alert settings, so after the
+first setting the backbone's output is memoised by the window's exact bytes (same input, same
+output); everything else runs live every time.
+
+How far to trust the figures: uav-noisy has 720 s of normal test audio and fan-noisy 100 s, i.e.
+1/120 and 1/864 of a day. An observed count of alerts scales to a huge per-day figure, and zero
+alerts only bounds the rate: the table gives the 95 % upper bound (exact Poisson) next to it, and
+the share of normal windows above the threshold, which is measured far more precisely.
+
+    .venv/bin/python benchmarks/false_alarms.py [--sets uav-noisy,fan-noisy]
+
+Results: ``benchmarks/results/false_alarms.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common import SHARED_DATA, LoadMonitor, table, write_json
+
+HOP = 10.0
+DAY = 86400.0
+
+# (label, alert settings overriding the defaults)
+SETTINGS: list[tuple[str, dict]] = [
+    ("default: rank > 0.99, 3 of 5", {}),
+    ("rank > 0.95, 3 of 5", {"threshold": 0.95}),
+    ("rank > 0.999, 3 of 5", {"threshold": 0.999}),
+    ("rank > 0.99, 2 of 3", {"raise_count": 2, "raise_window": 3}),
+    ("rank > 0.99, 5 of 5", {"raise_count": 5, "raise_window": 5}),
+    ("rank > 0.99, 1 of 1", {"raise_count": 1, "raise_window": 1}),
+]
+
+
+def poisson_upper(k: int, confidence: float = 0.95) -> float:
+    """Exact one-sided upper confidence bound of a Poisson mean after observing ``k`` events."""
+    alpha = 1.0 - confidence
+
+    def cdf(lam: float) -> float:
+        term, total = math.exp(-lam), math.exp(-lam)
+        for i in range(1, k + 1):
+            term *= lam / i
+            total += term
+        return total
+
+    low, high = 0.0, 10.0 + 5.0 * k
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) > alpha else (low, mid)
+    return high
+
+
+# ------------------------------------------------------------------------------ memo
+
+_memo: dict[tuple[str, bytes], np.ndarray] = {}
+memo_stats = {"hits": 0, "misses": 0}
+
+
+def memoise_embeddings() -> None:
+    """Backbone.embed memoised by the exact bytes of its input (see the module docstring)."""
+    from monitor.backbone import Backbone
+
+    original = Backbone.embed
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        key = (self.name, hashlib.sha1(np.ascontiguousarray(windows, dtype=np.float32).tobytes()).digest()
+               + str(windows.shape).encode())
+        if key in _memo:
+            memo_stats["hits"] += 1
+            return _memo[key].copy()
+        memo_stats["misses"] += 1
+        out = original(self, windows)
+        _memo[key] = out.copy()
+        return out
+
+    Backbone.embed = embed
+
+
+# ------------------------------------------------------------------------------ data
+
+@dataclass
+class MachineData:
+    name: str
+    train: dict[str, list[Path]]  # domain -> normal train clips
+    normal: list[Path]
+    anomaly: list[Path]
+    clip_seconds: dict[Path, float] = field(default_factory=dict)
+    domain: dict[Path, str] = field(default_factory=dict)
+
+
+def machines_of(root: Path) -> list[MachineData]:
+    import soundfile as sf
+
+    from monitor.dataset import scan_dataset
+
+    out = []
+    for machine, clips in scan_dataset(root).items():
+        data = MachineData(machine, {}, [], [])
+        for clip in clips:
+            data.domain[clip.path] = clip.domain or "default"
+            data.clip_seconds[clip.path] = sf.info(str(clip.path)).duration
+            if clip.split == "train" and clip.label == "normal":
+                data.train.setdefault(clip.domain or "default", []).append(clip.path)
+            elif clip.split == "test" and clip.label == "normal":
+                data.normal.append(clip.path)
+            elif clip.split == "test" and clip.label == "anomaly":
+                data.anomaly.append(clip.path)
+        out.append(data)
+    return out
+
+
+def enroll(data: MachineData, bank_dir: Path, work: Path) -> dict:
+    """Enroll the train normals per domain; short clips are joined into one recording first."""
+    import soundfile as sf
+
+    from monitor.audio import load_audio
+    from monitor.bank import BankStore
+    from monitor.config import Config
+    from monitor.detector import Detector
+    from monitor.enroll import enroll_files
+
+    detector = Detector.from_config(Config())
+    store = BankStore(bank_dir)
+    joined = []
+    began = time.perf_counter()
+    for domain, paths in sorted(data.train.items()):
+        if min(data.clip_seconds[p] for p in paths) < detector.window_seconds:
+            audios = [load_audio(p) for p in paths]
+            path = work / f"{data.name}_{domain}_train_joined.flac"
+            sf.write(path, np.concatenate([a.samples for a in audios]), audios[0].sample_rate)
+            paths = [path]
+            joined.append(domain)
+        enroll_files(detector, store, paths, domain)
+    bank = store.load()
+    return {"windows": len(bank), "conditions": sorted(set(bank.condition_labels())), "joined_domains": joined,
+            "seconds": round(time.perf_counter() - began, 1)}
+
+
+# ------------------------------------------------------------------------------- runs
+
+def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine: str) -> dict:
+    """One real daemon run over ``paths``; per-window scores and the alerts it raised."""
+    from monitor.config import AlertConfig, Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, SourceConfig
+    from monitor.daemon import Daemon
+
+    shutil.rmtree(state, ignore_errors=True)
+    config = Config(
+        alerts=AlertConfig(**alerts),
+        daemon=DaemonConfig(name="false-alarms", state_dir=state, hop_seconds=HOP),
+        sources=[SourceConfig(name="replay", type="file", paths=paths, speed=1000.0)],
+        machines=[MachineConfig(machine, "replay", bank=bank_dir)],
+        mqtt=MqttConfig(enabled=False),
+        metrics=MetricsConfig(enabled=False),
+    )
+    windows: list[dict] = []
+
+    class Recorder(Daemon):
+        def _publish_score(self, message):
+            windows.append({"start": message.start, "status": message.status, "fused_rank": message.fused_rank,
+                            "anomalous": message.anomalous, "alerting": self.machines[0].tracker.alerting})
+            super()._publish_score(message)
+
+    daemon = Recorder(config)
+    daemon.start()
+    try:
+        daemon.run()
+    finally:
+        daemon.stop()
+    source_start = daemon.sources["replay"].start_time
+    events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
+    alerts_out = [e["alert"] for e in events if e["kind"] == "alert"]
+    from datetime import datetime
+    for w in windows:
+        w["offset_s"] = round(datetime.fromisoformat(w.pop("start").replace("Z", "+00:00")).timestamp() - source_start, 3)
+    return {"windows": windows, "alerts": alerts_out}
+
+
+def clip_of_window(offsets: list[float], paths: list[Path], seconds: dict[Path, float]) -> list[list[Path]]:
+    """The clips each window (offset, 10 s) overlaps by at least half of the clip or window."""
+    bounds, t = [], 0.0
+    for p in paths:
+        bounds.append((t, t + seconds[p], p))
+        t += seconds[p]
+    out = []
+    for off in offsets:
+        end = off + 10.0
+        out.append([p for a, b, p in bounds if min(b, end) - max(a, off) >= 0.5 * min(b - a, 10.0) - 1e-6])
+    return out
+
+
+def summarise(data: MachineData, kind: str, run: dict, paths: list[Path]) -> dict:
+    windows = [w for w in run["windows"] if w["status"] == "ok"]
+    raises = [a for a in run["alerts"] if a["type"] == "raise"]
+    audio = sum(data.clip_seconds[p] for p in paths)
+    out = {"audio_s": round(audio, 1), "windows": len(run["windows"]), "scored": len(windows),
+           "sensor_fault": sum(w["status"] == "sensor_fault" for w in run["windows"]),
+           "flagged": sum(w["anomalous"] for w in windows), "raises": len(raises)}
+    out["flagged_share"] = round(out["flagged"] / max(1, len(windows)), 4)
+    if kind == "normal":
+        days = audio / DAY
+        out["alerts_per_day"] = round(len(raises) / days, 1)
+        out["alerts_per_day_95_upper"] = round(poisson_upper(len(raises)) / days, 1)
+    else:
+        out["alert_covered_share"] = round(sum(w["alerting"] for w in windows) / max(1, len(windows)), 4)
+        first = next((i for i, w in enumerate(windows) if w["alerting"]), None)
+        out["first_alert_window"] = None if first is None else first + 1
+    # per domain (a window counts for the domain of every clip it mostly covers)
+    per_domain: dict[str, list[bool]] = {}
+    for w, clips in zip(windows, clip_of_window([w["offset_s"] for w in windows], paths, data.clip_seconds)):
+        for d in {data.domain[p] for p in clips}:
+            per_domain.setdefault(d, []).append(w["anomalous"])
+    out["flagged_share_by_domain"] = {d: round(sum(v) / len(v), 4) for d, v in sorted(per_domain.items())}
+    out["ranks"] = [w["fused_rank"] for w in windows]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default="uav-noisy,fan-noisy")
+    parser.add_argument("--bench", type=Path, default=SHARED_DATA / "bench")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    present = [s for s in args.sets.split(",") if s and (args.bench / s).is_dir()]
+    missing = [s for s in args.sets.split(",") if s and s not in present]
+    for s in missing:
+        print(f"skipping {s}: {args.bench / s} not found")
+    if not present:
+        print("no benchmark set found; nothing to do")
+        write_json("false_alarms", {"skipped": missing, "sets": {}})
+        return 0
+
+    memoise_embeddings()
+    work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-"))
+    results: dict = {"hop_s": HOP, "settings": {label: s for label, s in SETTINGS}, "skipped": missing, "sets": {}}
+    started = time.perf_counter()
+    try:
+        with LoadMonitor() as load:
+            for name in present:
+                for data in machines_of(args.bench / name):
+                    key = f"{name}/{data.name}"
+                    bank = work / "banks" / key
+                    entry = {"bank": enroll(data, bank, work), "normal_clips": len(data.normal),
+                             "anomaly_clips": len(data.anomaly), "settings": {}}
+                    print(f"{key}: bank {entry['bank']}", flush=True)
+                    for label, alerts in SETTINGS:
+                        t = time.perf_counter()
+                        res = {}
+                        for kind, paths in (("normal", data.normal), ("anomaly", data.anomaly)):
+                            run = replay(paths, bank, work / "state", alerts, data.name)
+                            res[kind] = summarise(data, kind, run, paths)
+                        res["seconds"] = round(time.perf_counter() - t, 1)
+                        entry["settings"][label] = res
+                        n, a = res["normal"], res["anomaly"]
+                        print(f"  {label}: normal {n['raises']} alerts ({n['alerts_per_day']}/day), "
+                              f"{n['flagged_share']:.3f} windows flagged; anomalies {a['flagged_share']:.3f} flagged, "
+                              f"{a['alert_covered_share']:.3f} under alert ({res['seconds']} s)", flush=True)
+                    results["sets"][key] = entry
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    results["embedding_memo"] = dict(memo_stats)
+
+    for key, entry in results["sets"].items():
+        rows = []
+        for label, res in entry["settings"].items():
+            n, a = res["normal"], res["anomaly"]
+            rows.append([label, n["raises"], n["alerts_per_day"], n["alerts_per_day_95_upper"], n["flagged_share"],
+                         a["flagged_share"], a["alert_covered_share"], a["raises"], a["first_alert_window"]])
+        n0 = next(iter(entry["settings"].values()))
+        table(["setting", "alerts (normal)", "per day", "95% upper/day", "normal windows flagged",
+               "anomalous windows flagged", "under alert", "alerts (anom.)", "1st alert at window"], rows,
+              title=f"{key}: {entry['normal_clips']} normal clips ({n0['normal']['audio_s']:.0f} s, "
+                    f"{n0['normal']['scored']} windows), {entry['anomaly_clips']} anomalous clips "
+                    f"({n0['anomaly']['audio_s']:.0f} s, {n0['anomaly']['scored']} windows); bank {entry['bank']['windows']} windows")
+        table(["setting", "normal flagged by domain", "anomalous flagged by domain"],
+              [[label, res["normal"]["flagged_share_by_domain"], res["anomaly"]["flagged_share_by_domain"]]
+               for label, res in entry["settings"].items()], title=f"{key}: by domain")
+    write_json("false_alarms", results, load)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""PNG plots of the benchmark results in ``benchmarks/results/*.json``.
+
+    .venv/bin/python benchmarks/plots.py
+
+Writes, next to the JSON it reads (each plot only when its JSON exists):
+
+* ``daemon_latency.png``: window latency (median, p99) vs machines per daemon, hop 10 s and 5 s;
+* ``daemon_cpu_memory.png``: CPU seconds per second of audio per stream, and peak RSS, vs machines;
+* ``onnx_batch.png``: aisfx windows/s vs windows per onnxruntime call;
+* ``knn_latency.png``: single-query latency vs bank size per index (random and clustered data);
+* ``knn_recall.png``: recall@1 of the approximate indexes vs bank size;
+* ``false_alarms.png``: share of normal windows flagged vs share of anomalous windows flagged per
+  alert setting, and false alerts per day.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import RESULTS  # noqa: E402
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def subtitle(data: dict) -> str:
+    load_ = data.get("load", {})
+    return (f"{data.get('environment', {}).get('cpus', '?')} CPUs, load (1 min) mean {load_.get('mean_1m', '?')}, "
+            f"max {load_.get('max_1m', '?')}; {data.get('environment', {}).get('date', '')[:16]}")
+
+
+def save(fig, name: str) -> None:
+    path = RESULTS / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_daemon(data: dict) -> None:
+    runs = data["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for hop, colour in ((10.0, "tab:blue"), (5.0, "tab:orange")):
+        rs = sorted((r for r in runs if r["hop_s"] == hop), key=lambda r: r["n"])
+        if not rs:
+            continue
+        n = [r["n"] for r in rs]
+        ax.plot(n, [r["latency_median_s"] for r in rs], "o-", color=colour, label=f"hop {hop:g} s, median")
+        ax.plot(n, [r["latency_p99_s"] for r in rs], "s--", color=colour, label=f"hop {hop:g} s, p99")
+        for r in rs:
+            if not r["keeps_up"]:
+                ax.annotate("falls behind", (r["n"], r["latency_p99_s"]), textcoords="offset points", xytext=(-30, 8),
+                            color=colour, fontsize=8)
+        ax.axhline(hop, color=colour, lw=0.8, ls=":")
+    ax.set_xlabel("machines (channels) per daemon")
+    ax.set_ylabel("window end -> processed and published (s)")
+    ax.set_title("Daemon latency vs streams (aisfx, real time)\n" + subtitle(data), fontsize=9)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save(fig, "daemon_latency.png")
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for hop, colour in ((10.0, "tab:blue"), (5.0, "tab:orange")):
+        rs = sorted((r for r in runs if r["hop_s"] == hop), key=lambda r: r["n"])
+        if not rs:
+            continue
+        n = [r["n"] for r in rs]
+        a1.plot(n, [r["cpu_s_per_audio_s_per_stream"] for r in rs], "o-", color=colour, label=f"hop {hop:g} s")
+        a2.plot(n, [r["peak_rss_mb"] for r in rs], "o-", color=colour, label=f"hop {hop:g} s")
+    a1.set_xlabel("machines per daemon")
+    a1.set_ylabel("CPU s per audio s per stream")
+    a1.set_title("CPU per stream", fontsize=9)
+    a2.set_xlabel("machines per daemon")
+    a2.set_ylabel("peak RSS (MB)")
+    a2.set_title("Peak resident memory", fontsize=9)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(subtitle(data), fontsize=8)
+    save(fig, "daemon_cpu_memory.png")
+
+    onnx = data.get("onnxruntime")
+    if onnx:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for setting in sorted({c["setting"] for c in onnx["batch"]}):
+            cs = [c for c in onnx["batch"] if c["setting"] == setting]
+            ax.plot([c["batch"] for c in cs], [c["windows_per_s"] for c in cs], "o-", label=setting)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("windows per onnxruntime call (batch)")
+        ax.set_ylabel("windows per second")
+        ax.set_title("aisfx throughput vs batch\n" + subtitle(data), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "onnx_batch.png")
+
+
+def plot_knn(data: dict) -> None:
+    search = data["search"]
+    kinds = sorted({r["kind"] for r in search})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rs = sorted((r for r in search if r["kind"] == kind), key=lambda r: r["n"])
+        n = [r["n"] for r in rs]
+        ax.plot(n, [r["flat"]["single_t1"]["median_ms"] for r in rs], "o-", label="faiss flat, 1 thread")
+        ax.plot(n, [r["flat"][f"single_t{data['threads']}"]["median_ms"] for r in rs], "o:",
+                label=f"faiss flat, {data['threads']} threads")
+        ax.plot(n, [r["numpy"]["single_t1"]["median_ms"] for r in rs], "^-", label="numpy matmul, 1 thread")
+        for ef in ("128",):
+            pts = [(r["n"], r["hnsw"]["ef_search"][ef]["single_t1"]["median_ms"]) for r in rs
+                   if "ef_search" in r["hnsw"]]
+            if pts:
+                ax.plot(*zip(*pts), "s-", label=f"HNSW32 ef={ef}")
+        pts = [(r["n"], r["ivf"]["nprobe"]["32"]["single_t1"]["median_ms"]) for r in rs if "ivf" in r]
+        if pts:
+            ax.plot(*zip(*pts), "d-", label="IVF nprobe=32")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("bank size (d = 512)")
+        ax.set_ylabel("one query (ms, median)")
+        ax.set_title(f"{kind} data", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("KNN single-query latency vs bank size — " + subtitle(data), fontsize=8)
+    save(fig, "knn_latency.png")
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rs = sorted((r for r in search if r["kind"] == kind), key=lambda r: r["n"])
+        for ef in ("16", "64", "128", "256"):
+            pts = [(r["n"], r["hnsw"]["ef_search"][ef]["recall_at_1"]) for r in rs if "ef_search" in r["hnsw"]]
+            if pts:
+                ax.plot(*zip(*pts), "s-", label=f"HNSW ef={ef}")
+        for nprobe in ("8", "32"):
+            pts = [(r["n"], r["ivf"]["nprobe"][nprobe]["recall_at_1"]) for r in rs if "ivf" in r]
+            if pts:
+                ax.plot(*zip(*pts), "d--", label=f"IVF nprobe={nprobe}")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("bank size")
+        ax.set_ylabel("recall@1")
+        ax.set_title(f"{kind} data", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Approximate search recall@1 — " + subtitle(data), fontsize=8)
+    save(fig, "knn_recall.png")
+
+
+def plot_false_alarms(data: dict) -> None:
+    sets = data.get("sets", {})
+    if not sets:
+        return
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
+    for ax, (key, entry) in zip(axes[0], sets.items()):
+        for label, res in entry["settings"].items():
+            x, y = res["normal"]["flagged_share"], res["anomaly"]["flagged_share"]
+            ax.plot(x, y, "o")
+            ax.annotate(f"{label}\n{res['normal']['raises']} false alerts, {res['anomaly']['alert_covered_share']:.0%} under alert",
+                        (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        ax.set_xlabel("normal windows flagged (share)")
+        ax.set_ylabel("anomalous windows flagged (share)")
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Alert settings: false vs true flags — " + subtitle(data), fontsize=8)
+    save(fig, "false_alarms.png")
+
+
+def main() -> int:
+    done = 0
+    for name, fn in (("daemon", plot_daemon), ("knn", plot_knn), ("false_alarms", plot_false_alarms)):
+        data = load(name)
+        if data is None:
+            print(f"no {name}.json in {RESULTS}: skipped")
+            continue
+        fn(data)
+        done += 1
+    return 0 if done else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
