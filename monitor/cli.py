@@ -191,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon
 
     logging.getLogger("asd.windows").setLevel(logging.INFO)
+    logging.getLogger("monitor.daemon").setLevel(logging.INFO)  # shows the metrics URL and MQTT state
     with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
         state = args.state_dir or Path(tmp)
         config = demo.demo_config(state, args.speed, _config(args))

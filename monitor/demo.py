@@ -69,4 +69,4 @@ def demo_config(state_dir: Path, speed: float, base: Config) -> Config:
 def describe_outputs(config: Config) -> str:
     mqtt = (f"MQTT to {config.mqtt.host}:{config.mqtt.port} under {config.mqtt.topic_prefix}/{config.mqtt.site}/"
             if config.mqtt.enabled else "no MQTT broker on 127.0.0.1:1883, not publishing")
-    return f"{mqtt}; Prometheus metrics on a free loopback port, see the log"
+    return f"{mqtt}; Prometheus metrics on a free loopback port (URL below)"
