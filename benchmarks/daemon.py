@@ -23,7 +23,8 @@ Two changes to the daemon's behaviour, both in a subclass here, none in the prod
   minus the window's end time from the payload (``end``; millisecond resolution; with 10 ms
   blocks the file source makes the last block available up to 10 ms before a sound card would).
 
-Per run (one fresh process per run, so ``ru_maxrss`` is that run's peak): N machines, hop H,
+Per run (one fresh process per run; peak memory is its VmHWM, not ``ru_maxrss``, which Linux keeps
+across fork and exec and so reports the parent's peak in a child): N machines, hop H,
 S seconds of audio. The runs set ``OPENBLAS_NUM_THREADS=1`` and ``OMP_NUM_THREADS=1`` (numpy and
 faiss; onnxruntime keeps its own pool): without them a machine's bank fit took ~12 s instead of
 ~0.5 s on this busy machine, which made starting 32 machines take minutes (one run measures the
@@ -40,11 +41,19 @@ intra-op thread each, and batches of 1..16 windows per call (what batching the w
 several machines into one call would gain).
 
     .venv/bin/python benchmarks/daemon.py                   # everything, about 15 min here
-    .venv/bin/python benchmarks/daemon.py --seconds 60      # as recorded in results/daemon.json (18 min)
     .venv/bin/python benchmarks/daemon.py --seconds 40 --hop10 1,8 --hop5 '' --no-onnx   # quick
+    .venv/bin/python benchmarks/daemon.py --hop10 64 --hop5 24,32 --no-onnx --default-queue-run 0 \
+        --as-shipped-run 0 --name daemon_extra               # further up the ladder
+    .venv/bin/python benchmarks/daemon.py --hop10 '' --hop5 '' --no-onnx --default-queue-run 0 \
+        --as-shipped-run 0 --compare-ort-threads 16,5 --name daemon_ort_threads
 
-Results: ``benchmarks/results/daemon.json``. Absolute times are noise on this shared machine: the
-load average is recorded; compare rows of one run (ratios), not runs.
+Results: ``benchmarks/results/<name>.json`` (default ``daemon.json``). Recorded here:
+``daemon.json`` (the default command, quiet machine), ``daemon_busy.json`` (``--seconds 60``,
+while other jobs held about one of the two cores; its ``keeps_up`` was recomputed with the rule
+above from the recorded burst drain times), ``daemon_extra.json``, ``daemon_ort_threads.json``,
+``daemon_threads.json`` and ``daemon_onnx.json`` (the commands above, and the threads / onnx
+studies alone). Absolute times are noise on this shared machine: the load average is recorded in
+each; compare rows of one file (ratios), not files.
 """
 
 from __future__ import annotations
@@ -321,8 +330,13 @@ def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Mo
 
 # ----------------------------------------------------------------- onnxruntime study
 
-def onnx_study(seconds_per_case: float) -> dict:
-    """Per-window wall time of aisfx for thread settings and batch sizes, side by side."""
+def onnx_study(rounds: int) -> dict:
+    """Per-window wall and CPU time of aisfx for thread settings and batch sizes.
+
+    The cases are interleaved: each round times one call of every case in turn, and the median
+    over rounds is reported, so a change in the machine's load during the study (other jobs)
+    hits every case alike and the ratios between cases stay meaningful.
+    """
     import onnxruntime as ort
 
     sys.path.insert(0, str(ROOT))
@@ -343,56 +357,51 @@ def onnx_study(seconds_per_case: float) -> dict:
             options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
-    def measure(run, batch: int) -> dict:
-        reset = reset_peak_rss()
-        run(batch)  # warm-up (allocations for this shape)
-        walls, cpus = [], []
-        began = time.perf_counter()
-        while len(walls) < 2 or (time.perf_counter() - began < seconds_per_case and len(walls) < 40):
-            t, c = time.perf_counter(), time.process_time()
-            run(batch)
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
-        wall = statistics.median(walls)
-        return {"batch": batch, "calls": len(walls), "wall_per_window_ms": round(1e3 * wall / batch, 1),
-                "cpu_per_window_ms": round(1e3 * statistics.median(cpus) / batch, 1),
-                "windows_per_s": round(batch / wall, 2),
-                "peak_rss_mb": round(rss_mb("VmHWM"), 0) if reset else None}
-
-    cases: list[dict] = []
     sessions = {"intra 1": session(1), "intra 2": session(2), "intra 0 (daemon default)": session(0),
                 "parallel, inter 2, intra 1": session(1, 2, parallel=True)}
     name = sessions["intra 1"].get_inputs()[0].name
-    for label, sess in sessions.items():
-        def run(batch, sess=sess):
-            sess.run(None, {name: windows[:batch]})
-        cases.append({"setting": label, **measure(run, 1)})
-    # Two worker threads, each with its own one-thread session, running batch-1 calls at once.
     pair = [session(1), session(1)]
 
-    def run_pair(batch):
+    def single(sess, batch):
+        return lambda: sess.run(None, {name: windows[:batch]})
+
+    def two_workers():  # two threads, each with its own one-thread session, one window each
         threads = [threading.Thread(target=s.run, args=(None, {name: windows[i:i + 1]})) for i, s in enumerate(pair)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
 
-    result = measure(run_pair, 1)
-    # run_pair processes 2 windows per call
-    result["wall_per_window_ms"] = round(result["wall_per_window_ms"] / 2, 1)
-    result["cpu_per_window_ms"] = round(result["cpu_per_window_ms"] / 2, 1)
-    result["windows_per_s"] = round(result["windows_per_s"] * 2, 2)
-    cases.append({"setting": "2 workers x intra 1", **result})
-
-    batches: list[dict] = []
+    # (group, setting, windows per call, function)
+    cases = [("threads", label, 1, single(sess, 1)) for label, sess in sessions.items()]
+    cases.append(("threads", "2 workers x intra 1", 2, two_workers))
     for label in ("intra 0 (daemon default)", "intra 1"):
-        sess = sessions[label]
-
-        def run(batch, sess=sess):
-            sess.run(None, {name: windows[:batch]})
-        for batch in (1, 2, 4, 8, 16):
-            batches.append({"setting": label, **measure(run, batch)})
-    return {"threads": cases, "batch": batches, "loadavg": loadavg()}
+        cases += [("batch", label, batch, single(sessions[label], batch)) for batch in (1, 2, 4, 8, 16)]
+    peaks: dict[int, float | None] = {}
+    for i, (_g, _l, _b, fn) in enumerate(cases):  # warm-up, and the memory peak of each case
+        reset = reset_peak_rss()
+        fn()
+        peaks[i] = round(rss_mb("VmHWM")) if reset else None
+    walls: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+    cpus: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+    loads = []
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        for i, (_g, _l, _b, fn) in enumerate(cases):
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            walls[i].append(time.perf_counter() - t)
+            cpus[i].append(time.process_time() - c)
+    out: dict = {"threads": [], "batch": [], "rounds": rounds}
+    for i, (group, label, batch, _fn) in enumerate(cases):
+        wall, cpu = statistics.median(walls[i]), statistics.median(cpus[i])
+        out[group].append({"setting": label, "batch": batch, "calls": rounds,
+                           "wall_per_window_ms": round(1e3 * wall / batch, 1),
+                           "cpu_per_window_ms": round(1e3 * cpu / batch, 1),
+                           "windows_per_s": round(batch / wall, 2), "peak_rss_mb": peaks[i]})
+    out["loadavg_during"] = [round(x, 2) for x in loads]
+    out["loadavg"] = loadavg()
+    return out
 
 
 # ------------------------------------------------------------------------------ main
@@ -404,11 +413,13 @@ def main() -> int:
     parser.add_argument("--hop10", default="1,2,4,8,16,24,32,48", help="streams to try at hop 10 s, until one fails")
     parser.add_argument("--hop5", default="1,8,12,16,24", help="streams to try at hop 5 s, until one fails")
     parser.add_argument("--no-onnx", action="store_true", help="skip the standalone onnxruntime study")
-    parser.add_argument("--onnx-seconds", type=float, default=3.0, help="time per onnxruntime case")
+    parser.add_argument("--onnx-rounds", type=int, default=5, help="interleaved rounds of the onnxruntime study")
     parser.add_argument("--default-queue-run", type=int, default=16,
                         help="also run N machines with the default queue_size 8 for 30 s (0: skip)")
     parser.add_argument("--as-shipped-run", type=int, default=2,
                         help="also run N machines for 30 s without limiting BLAS/OpenMP threads (0: skip)")
+    parser.add_argument("--compare-ort-threads", default="",
+                        help="N,HOP: also run N machines at hop HOP with runtime.threads 0 (default) and 1, back to back")
     parser.add_argument("--budget", type=float, default=720.0,
                         help="start no new ladder run after this many seconds (the three short studies always run)")
     # child-process arguments
@@ -431,7 +442,8 @@ def main() -> int:
             broker = Mosquitto.start_or_none(work / "mosquitto")
             if broker is None:
                 results["not_run"].append("mosquitto not installed: no MQTT publish or subscriber latency")
-            results["enroll_s"] = round(enroll_bank(work / "bank", work / "enroll"), 1)
+            if any(x for x in (args.hop10, args.hop5)) or args.default_queue_run or args.as_shipped_run or args.compare_ort_threads:
+                results["enroll_s"] = round(enroll_bank(work / "bank", work / "enroll"), 1)
             for hop, ladder in ((10.0, args.hop10), (5.0, args.hop5)):
                 for n in [int(x) for x in ladder.split(",") if x]:
                     if time.perf_counter() - started > args.budget:  # the short runs below always run
@@ -451,9 +463,17 @@ def main() -> int:
                 r["note"] = "default daemon.queue_size 8"
                 results["default_queue"] = r
                 print(f"n={n} with queue_size 8: dropped {r['dropped']} of {r['expected_windows']}", flush=True)
+            if args.compare_ort_threads:
+                n, hop = args.compare_ort_threads.split(",")
+                results["ort_threads"] = []
+                for threads in (0, 1):
+                    r = run_one(int(n), float(hop), args.seconds, work, work / "bank", broker, ort_threads=threads)
+                    results["ort_threads"].append(r)
+                    print(f"n={n} hop {hop} runtime.threads {threads}: keeps up {r['keeps_up']}, "
+                          f"per window {r['per_window_proc_median_s']} s, load {loadavg()[0]}", flush=True)
             if not args.no_onnx:
                 print("onnxruntime study ...", flush=True)
-                results["onnxruntime"] = onnx_study(args.onnx_seconds)
+                results["onnxruntime"] = onnx_study(args.onnx_rounds)
             if args.as_shipped_run:
                 n = args.as_shipped_run
                 r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, one_blas_thread=False)
@@ -498,6 +518,12 @@ def report(results: dict) -> None:
                          round(b1["wall_per_window_ms"] / c["wall_per_window_ms"], 2), c.get("peak_rss_mb")])
         table(["setting", "batch", "wall ms/window", "cpu ms/window", "windows/s", "gain vs batch 1", "peak RSS MB"], rows,
               title="onnxruntime aisfx: windows of several machines in one call")
+    if results.get("ort_threads"):
+        table(["runtime.threads", "N", "hop s", "keeps up", "per-window s", "lat med s", "lat p99 s", "burst drain max s",
+               "cpu s/s/stream", "load"],
+              [[r["ort_threads"], r["n"], r["hop_s"], r["keeps_up"], r["per_window_proc_median_s"], r["latency_median_s"],
+                r["latency_p99_s"], max(r["burst_drain_s"]), r["cpu_s_per_audio_s_per_stream"], r["loadavg_end"][0]]
+               for r in results["ort_threads"]], title="onnxruntime intra-op threads in the daemon (back to back)")
     pinned = [r for r in runs if r["n"] == results.get("as_shipped", {}).get("n") and r["hop_s"] == 10.0]
     if "as_shipped" in results and pinned:
         a, b = results["as_shipped"], pinned[0]

@@ -4,13 +4,14 @@
 
 Writes, next to the JSON it reads (each plot only when its JSON exists):
 
-* ``daemon_latency.png``: window latency (median, p99) vs machines per daemon, hop 10 s and 5 s;
+* ``daemon_latency.png``: window latency (median, p99) vs machines per daemon, hop 10 s and 5 s
+  (``daemon_busy.json``, a run while other jobs held about one core, dashed when present);
 * ``daemon_cpu_memory.png``: CPU seconds per second of audio per stream, and peak RSS, vs machines;
 * ``onnx_batch.png``: aisfx windows/s vs windows per onnxruntime call;
 * ``knn_latency.png``: single-query latency vs bank size per index (random and clustered data);
 * ``knn_recall.png``: recall@1 of the approximate indexes vs bank size;
-* ``false_alarms.png``: share of normal windows flagged vs share of anomalous windows flagged per
-  alert setting, and false alerts per day.
+* ``false_alarms.png``: per alert setting, the share of normal and anomalous windows flagged, the
+  share of anomalous windows under an open alert, and the false alerts counted.
 """
 
 from __future__ import annotations
@@ -45,46 +46,55 @@ def save(fig, name: str) -> None:
     print(f"wrote {path}")
 
 
-def plot_daemon(data: dict) -> None:
-    runs = data["runs"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for hop, colour in ((10.0, "tab:blue"), (5.0, "tab:orange")):
-        rs = sorted((r for r in runs if r["hop_s"] == hop), key=lambda r: r["n"])
-        if not rs:
-            continue
-        n = [r["n"] for r in rs]
-        ax.plot(n, [r["latency_median_s"] for r in rs], "o-", color=colour, label=f"hop {hop:g} s, median")
-        ax.plot(n, [r["latency_p99_s"] for r in rs], "s--", color=colour, label=f"hop {hop:g} s, p99")
-        for r in rs:
-            if not r["keeps_up"]:
-                ax.annotate("falls behind", (r["n"], r["latency_p99_s"]), textcoords="offset points", xytext=(-30, 8),
-                            color=colour, fontsize=8)
-        ax.axhline(hop, color=colour, lw=0.8, ls=":")
-    ax.set_xlabel("machines (channels) per daemon")
-    ax.set_ylabel("window end -> processed and published (s)")
-    ax.set_title("Daemon latency vs streams (aisfx, real time)\n" + subtitle(data), fontsize=9)
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+def _runs(datasets: list[tuple[str, dict]], hop: float) -> list[tuple[str, list[dict], str]]:
+    out = []
+    for (label, data), marker in zip(datasets, ("o", "^", "s")):
+        rs = sorted((r for r in data["runs"] if r["hop_s"] == hop), key=lambda r: r["n"])
+        if rs:
+            out.append((label, rs, marker))
+    return out
+
+
+def plot_daemon(data: dict, others: list[tuple[str, dict]] = ()) -> None:
+    """``data``: results/daemon.json; ``others``: more runs of the same benchmark (e.g. on a busier
+    machine), drawn dashed with their load in the legend."""
+    datasets = [(f"load {data['load']['mean_1m']}", data)] + [(f"{lbl}, load {d['load']['mean_1m']}", d) for lbl, d in others]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, stat, title in ((a1, "latency_median_s", "median"), (a2, "latency_p99_s", "p99")):
+        for hop, colour in ((10.0, "tab:blue"), (5.0, "tab:orange")):
+            for i, (label, rs, marker) in enumerate(_runs(datasets, hop)):
+                ax.plot([r["n"] for r in rs], [r[stat] for r in rs], marker=marker, ls="-" if i == 0 else "--",
+                        color=colour, label=f"hop {hop:g} s ({label})")
+                for r in rs:
+                    if not r["keeps_up"]:
+                        ax.plot(r["n"], r[stat], "x", color="red", ms=10)
+            ax.axhline(hop, color=colour, lw=0.8, ls=":")
+        ax.set_xlabel("machines (channels) per daemon")
+        ax.set_title(f"{title}; red x: falls behind (drops or backlog)", fontsize=9)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    a1.set_ylabel("window end -> processed and published (s)")
+    fig.suptitle("Daemon latency vs streams (aisfx, real time; dotted: the hop) — " + subtitle(data), fontsize=8)
     save(fig, "daemon_latency.png")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for hop, colour in ((10.0, "tab:blue"), (5.0, "tab:orange")):
-        rs = sorted((r for r in runs if r["hop_s"] == hop), key=lambda r: r["n"])
-        if not rs:
-            continue
-        n = [r["n"] for r in rs]
-        a1.plot(n, [r["cpu_s_per_audio_s_per_stream"] for r in rs], "o-", color=colour, label=f"hop {hop:g} s")
-        a2.plot(n, [r["peak_rss_mb"] for r in rs], "o-", color=colour, label=f"hop {hop:g} s")
+        for i, (label, rs, marker) in enumerate(_runs(datasets, hop)):
+            n = [r["n"] for r in rs]
+            ls = "-" if i == 0 else "--"
+            a1.plot(n, [r["cpu_s_per_audio_s_per_stream"] for r in rs], marker=marker, ls=ls, color=colour,
+                    label=f"hop {hop:g} s ({label})")
+            a2.plot(n, [r["peak_rss_mb"] for r in rs], marker=marker, ls=ls, color=colour, label=f"hop {hop:g} s ({label})")
     a1.set_xlabel("machines per daemon")
     a1.set_ylabel("CPU s per audio s per stream")
     a1.set_title("CPU per stream", fontsize=9)
     a2.set_xlabel("machines per daemon")
     a2.set_ylabel("peak RSS (MB)")
-    a2.set_title("Peak resident memory", fontsize=9)
+    a2.set_title("Peak resident memory (VmHWM)", fontsize=9)
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        a.legend(fontsize=7)
     fig.suptitle(subtitle(data), fontsize=8)
     save(fig, "daemon_cpu_memory.png")
 
@@ -97,6 +107,7 @@ def plot_daemon(data: dict) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("windows per onnxruntime call (batch)")
         ax.set_ylabel("windows per second")
+        ax.set_ylim(0, None)
         ax.set_title("aisfx throughput vs batch\n" + subtitle(data), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -114,7 +125,7 @@ def plot_knn(data: dict) -> None:
         ax.plot(n, [r["flat"][f"single_t{data['threads']}"]["median_ms"] for r in rs], "o:",
                 label=f"faiss flat, {data['threads']} threads")
         ax.plot(n, [r["numpy"]["single_t1"]["median_ms"] for r in rs], "^-", label="numpy matmul, 1 thread")
-        for ef in ("128",):
+        for ef in ("256",):  # the ef_search monitor.knn uses
             pts = [(r["n"], r["hnsw"]["ef_search"][ef]["single_t1"]["median_ms"]) for r in rs
                    if "ef_search" in r["hnsw"]]
             if pts:
@@ -158,18 +169,29 @@ def plot_false_alarms(data: dict) -> None:
     sets = data.get("sets", {})
     if not sets:
         return
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(7 * len(sets), 5.2), squeeze=False)
+    bars = (("normal windows flagged", "normal", "flagged_share", "tab:red"),
+            ("anomalous windows flagged", "anomaly", "flagged_share", "tab:blue"),
+            ("anomalous windows under an open alert", "anomaly", "alert_covered_share", "tab:green"))
     for ax, (key, entry) in zip(axes[0], sets.items()):
-        for label, res in entry["settings"].items():
-            x, y = res["normal"]["flagged_share"], res["anomaly"]["flagged_share"]
-            ax.plot(x, y, "o")
-            ax.annotate(f"{label}\n{res['normal']['raises']} false alerts, {res['anomaly']['alert_covered_share']:.0%} under alert",
-                        (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
-        ax.set_xlabel("normal windows flagged (share)")
-        ax.set_ylabel("anomalous windows flagged (share)")
+        labels = list(entry["settings"])
+        y = range(len(labels))
+        for j, (name, kind, field, colour) in enumerate(bars):
+            values = [entry["settings"][lbl][kind][field] for lbl in labels]
+            ax.barh([i + (j - 1) * 0.27 for i in y], values, height=0.27, color=colour, label=name)
+        for i, lbl in enumerate(labels):
+            normal = entry["settings"][lbl]["normal"]
+            ax.text(1.01, i, f"{normal['raises']} false alerts in {normal['audio_s']:.0f} s", va="center", fontsize=7,
+                    transform=ax.get_yaxis_transform())
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of windows")
         ax.set_title(key, fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.suptitle("Alert settings: false vs true flags — " + subtitle(data), fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    fig.suptitle("Alert settings on normal and anomalous test audio (real daemon, hop 10 s) — " + subtitle(data), fontsize=8)
     save(fig, "false_alarms.png")
 
 
@@ -180,7 +202,11 @@ def main() -> int:
         if data is None:
             print(f"no {name}.json in {RESULTS}: skipped")
             continue
-        fn(data)
+        if name == "daemon":
+            busy = load("daemon_busy")
+            fn(data, [("busy machine", busy)] if busy else [])
+        else:
+            fn(data)
         done += 1
     return 0 if done else 1
 
