@@ -172,6 +172,17 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 # --------------------------------------------------------------------------- MQTT broker
 
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS) or its peak (VmHWM) of this process, in MB.
+
+    Not ``ru_maxrss``: Linux carries it across fork and exec, so a child started by a
+    benchmark would report at least the parent's resident size at the fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def free_port() -> int:
     import socket
 

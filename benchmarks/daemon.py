@@ -25,15 +25,16 @@ Two changes to the daemon's behaviour, both in a subclass here, none in the prod
 
 Per run (one fresh process per run; peak memory is its VmHWM, not ``ru_maxrss``, which Linux keeps
 across fork and exec and so reports the parent's peak in a child): N machines, hop H,
-S seconds of audio. The runs set ``OPENBLAS_NUM_THREADS=1`` and ``OMP_NUM_THREADS=1`` (numpy and
-faiss; onnxruntime keeps its own pool): without them a machine's bank fit took ~12 s instead of
-~0.5 s on this busy machine, which made starting 32 machines take minutes (one run measures the
-daemon without them). A run "keeps up" when no window was dropped and every window was processed
+S seconds of audio. The daemon limits numpy's BLAS and faiss's OpenMP to one thread per thread
+(``runtime.compute_threads: 1``, see monitor/threads.py; onnxruntime keeps its own pool): with
+the libraries' defaults a machine's bank fit took ~12 s instead of ~0.5 s on this busy machine,
+which made starting 32 machines take minutes (one run measures the daemon with
+``compute_threads: 0``). A run "keeps up" when no window was dropped and every window was processed
 before the next hop's windows arrived: every hop's burst of N windows drained within the hop
 (the last one included), so no backlog is carried from one hop to the next. The queue
-is sized ``max(8, 2 N)`` so that it measures processing rather than the burst of N windows that
-every hop delivers at once; the run also records the deepest queue seen, which says what the
-default ``daemon.queue_size: 8`` would have dropped.
+is the default ``daemon.queue_size: 0`` = ``max(8, 2 N)``, which holds the burst of N windows
+that every hop delivers at once; one run measures a queue fixed at 8 (the default before it was
+sized by the machine count), and every run records the deepest queue seen.
 
 Also measured, side by side in one process: onnxruntime on ``monitor/assets/aisfx.onnx`` with
 intra-op threads 1 / 2, a parallel executor with 2 inter-op threads, two worker threads at one
@@ -75,11 +76,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, LoadMonitor, Mosquitto, loadavg, percentile, table, write_json
+from common import ROOT, LoadMonitor, Mosquitto, loadavg, percentile, rss_mb, table, write_json
 
 RATE = 16000
 BANK_WINDOWS = 30
-QUEUE_DEFAULT = 8
+FIXED_QUEUE = 8  # daemon.queue_size before it was sized by the machine count
 
 
 # ======================================================================= audio and bank
@@ -115,17 +116,6 @@ def enroll_bank(bank_dir: Path, work: Path) -> float:
 
 # ================================================================= one run (child process)
 
-def rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory now (VmRSS) or its peak (VmHWM) of this process, in MB.
-
-    Not ``ru_maxrss``: Linux keeps it across fork and exec, so a child would report the peak of
-    the parent that started it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
     try:
@@ -151,11 +141,10 @@ def child(args: argparse.Namespace) -> int:
     from monitor.knn import KnnScorer
 
     n, hop = args.n, args.hop
-    queue_size = args.queue or max(QUEUE_DEFAULT, 2 * n)
     state = Path(args.state)
     config = Config(
-        runtime=RuntimeConfig(threads=args.ort_threads),
-        daemon=DaemonConfig(name="bench", state_dir=state, hop_seconds=hop, queue_size=queue_size),
+        runtime=RuntimeConfig(threads=args.ort_threads, compute_threads=args.compute_threads),
+        daemon=DaemonConfig(name="bench", state_dir=state, hop_seconds=hop, queue_size=args.queue),
         sources=[SourceConfig(name="mc", type="file", paths=[Path(args.audio)], channels=n, sample_rate=RATE,
                               block_size=160, speed=1.0)],
         machines=[MachineConfig(f"m{i:02d}", "mc", channel=i, bank=Path(args.bank)) for i in range(n)],
@@ -246,7 +235,8 @@ def child(args: argparse.Namespace) -> int:
     audio_seconds = args.seconds
     expected_per_machine = int((audio_seconds - 10) // hop) + 1
     result = {
-        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": queue_size, "ort_threads": args.ort_threads,
+        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": daemon.queue.maxsize, "ort_threads": args.ort_threads,
+        "compute_threads": args.compute_threads,
         "expected_windows": expected_per_machine * n, "processed": len(records), "ok": ok, "sensor_fault": faults,
         "dropped": dropped, "alerts_raised": alerts, "carried_over": carried,
         "keeps_up": bool(dropped == 0 and carried == 0 and len(records) == expected_per_machine * n
@@ -262,7 +252,7 @@ def child(args: argparse.Namespace) -> int:
         "burst_drain_s": [round(x, 3) for x in last_done_after_burst],
         "queue_max_sampled": max((d for _t, d in samples), default=0),
         "queue_max_at_put": max(depth_at_put, default=0),
-        "default_queue_would_drop": bool(max(depth_at_put, default=0) >= QUEUE_DEFAULT),
+        "fixed_queue_8_would_drop": bool(max(depth_at_put, default=0) >= FIXED_QUEUE),
         "histogram_count": hist_count, "histogram_mean_s": round(hist_sum / hist_count, 3) if hist_count else None,
         "rss_after_start_mb": round(rss_started, 1), "peak_rss_mb": round(peak_rss, 1),
         "stage_median_ms": {k: round(1e3 * statistics.median(v), 2) for k, v in stages.items() if v},
@@ -281,7 +271,7 @@ def iso_to_epoch(text: str) -> float:
 
 
 def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Mosquitto | None,
-            queue: int = 0, ort_threads: int = 0, one_blas_thread: bool = True) -> dict:
+            queue: int = 0, ort_threads: int = 0, compute_threads: int = 1) -> dict:
     audio = write_multichannel(work / f"audio-{n}ch-{seconds}s", n, seconds)
     out = work / f"result-{n}-{hop}-{queue}.json"
     state = work / f"state-{n}-{hop}-{queue}"
@@ -294,12 +284,10 @@ def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Mo
     broker_cpu0 = broker.cpu_seconds() if broker else None
     cmd = [sys.executable, __file__, "--child", "--n", str(n), "--hop", str(hop), "--seconds", str(seconds),
            "--audio", str(audio), "--bank", str(bank), "--state", str(state), "--out", str(out),
-           "--port", str(broker.port if broker else 0), "--queue", str(queue), "--ort-threads", str(ort_threads)]
-    env = dict(os.environ)
-    if one_blas_thread:  # numpy's OpenBLAS and faiss's OpenMP; onnxruntime has its own pool
-        env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+           "--port", str(broker.port if broker else 0), "--queue", str(queue), "--ort-threads", str(ort_threads),
+           "--compute-threads", str(compute_threads)]
     began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - began
     if sub is not None:
         time.sleep(1.0)
@@ -309,7 +297,6 @@ def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Mo
         raise RuntimeError(f"run n={n} hop={hop} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
     result["process_wall_s"] = round(wall, 1)
-    result["one_blas_thread"] = one_blas_thread
     if broker is not None:
         result["broker_cpu_s"] = round((broker.cpu_seconds() or 0) - (broker_cpu0 or 0), 3)
         arrivals = []
@@ -415,9 +402,9 @@ def main() -> int:
     parser.add_argument("--no-onnx", action="store_true", help="skip the standalone onnxruntime study")
     parser.add_argument("--onnx-rounds", type=int, default=5, help="interleaved rounds of the onnxruntime study")
     parser.add_argument("--default-queue-run", type=int, default=16,
-                        help="also run N machines with the default queue_size 8 for 30 s (0: skip)")
+                        help="also run N machines with queue_size fixed at 8 for 30 s (0: skip)")
     parser.add_argument("--as-shipped-run", type=int, default=2,
-                        help="also run N machines for 30 s without limiting BLAS/OpenMP threads (0: skip)")
+                        help="also run N machines for 30 s with compute_threads 0 (libraries' default threads; 0: skip)")
     parser.add_argument("--compare-ort-threads", default="",
                         help="N,HOP: also run N machines at hop HOP with runtime.threads 0 (default) and 1, back to back")
     parser.add_argument("--budget", type=float, default=720.0,
@@ -425,7 +412,8 @@ def main() -> int:
     # child-process arguments
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name, kind in (("--n", int), ("--hop", float), ("--audio", str), ("--bank", str), ("--state", str),
-                       ("--out", str), ("--port", int), ("--queue", int), ("--ort-threads", int)):
+                       ("--out", str), ("--port", int), ("--queue", int), ("--ort-threads", int),
+                       ("--compute-threads", int)):
         parser.add_argument(name, type=kind, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -459,10 +447,10 @@ def main() -> int:
                         break
             if args.default_queue_run:
                 n = args.default_queue_run
-                r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, queue=QUEUE_DEFAULT)
-                r["note"] = "default daemon.queue_size 8"
+                r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, queue=FIXED_QUEUE)
+                r["note"] = "daemon.queue_size fixed at 8"
                 results["default_queue"] = r
-                print(f"n={n} with queue_size 8: dropped {r['dropped']} of {r['expected_windows']}", flush=True)
+                print(f"n={n} with queue_size fixed at 8: dropped {r['dropped']} of {r['expected_windows']}", flush=True)
             if args.compare_ort_threads:
                 n, hop = args.compare_ort_threads.split(",")
                 results["ort_threads"] = []
@@ -476,8 +464,8 @@ def main() -> int:
                 results["onnxruntime"] = onnx_study(args.onnx_rounds)
             if args.as_shipped_run:
                 n = args.as_shipped_run
-                r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, one_blas_thread=False)
-                r["note"] = "BLAS/OpenMP threads not limited (as the daemon runs today)"
+                r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, compute_threads=0)
+                r["note"] = "runtime.compute_threads 0: BLAS/OpenMP threads not limited"
                 results["as_shipped"] = r
                 print(f"n={n} as shipped: start {r['start_s']} s, latency median {r['latency_median_s']} s", flush=True)
     finally:
@@ -528,14 +516,14 @@ def report(results: dict) -> None:
     if "as_shipped" in results and pinned:
         a, b = results["as_shipped"], pinned[0]
         table(["threads", "N", "start s", "start CPU s", "lat med s", "lat p99 s", "knn ms", "cpu s/s/stream"],
-              [["OPENBLAS/OMP 1 (runs above)", b["n"], b["start_s"], b["start_cpu_s"], b["latency_median_s"], b["latency_p99_s"],
+              [["compute_threads 1 (default; runs above)", b["n"], b["start_s"], b["start_cpu_s"], b["latency_median_s"], b["latency_p99_s"],
                 b["stage_median_ms"].get("knn score"), b["cpu_s_per_audio_s_per_stream"]],
-               ["not limited (as shipped)", a["n"], a["start_s"], a["start_cpu_s"], a["latency_median_s"], a["latency_p99_s"],
+               ["compute_threads 0 (libraries' default)", a["n"], a["start_s"], a["start_cpu_s"], a["latency_median_s"], a["latency_p99_s"],
                 a["stage_median_ms"].get("knn score"), a["cpu_s_per_audio_s_per_stream"]]],
               title="numpy/faiss threads: start-up (bank fit: Mahalanobis leave-one-out, 10 eigendecompositions per machine)")
     if "default_queue" in results:
         r = results["default_queue"]
-        print(f"With the default daemon.queue_size 8 and N={r['n']} (hop 10): {r['dropped']} of {r['expected_windows']} "
+        print(f"With daemon.queue_size fixed at 8 and N={r['n']} (hop 10): {r['dropped']} of {r['expected_windows']} "
               f"windows dropped, queue max {r['queue_max_at_put']}\n")
     for line in results["not_run"]:
         print("not run:", line)

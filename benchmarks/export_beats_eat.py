@@ -1,7 +1,7 @@
 """Full-size BEATs and EAT exports with random weights: export time, ONNX size, CPU time per
 10 s window (onnxruntime against torch eager on the same machine) and peak memory.
 
-Each measurement runs in its own process so that its peak resident memory (``ru_maxrss``) is its
+Each measurement runs in its own process so that its peak resident memory (VmHWM) is its
 own: the export (build + dynamo export + onnxruntime parity check), onnxruntime inference
 alone (the daemon's situation) and torch eager inference alone. The ORT/torch ratio comes from a
 further process that alternates the two engines run by run (median of the per-pair ratios), so
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import rss_mb  # noqa: E402
 
 MODELS = ("beats", "eat", "eat-large")
 
@@ -49,9 +50,6 @@ def _build(name: str):  # -> (module, metadata)
     return module.eval(), metadata(name, 16000, arch["embed_dim"], "benchmark", eat.LICENCE)
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
 
 def _window(batch: int = 1):
     import numpy as np
@@ -69,7 +67,7 @@ def child_export(name: str, out: Path) -> dict:
     path = export_backbone(module, meta, out)
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(path.name))
-    return {"export_s": seconds, "onnx_mb": size / 1e6, "export_peak_mb": _peak_mb(), "path": str(path),
+    return {"export_s": seconds, "onnx_mb": size / 1e6, "export_peak_mb": rss_mb("VmHWM"), "path": str(path),
             "parameters_m": sum(p.numel() for p in module.parameters()) / 1e6}
 
 
@@ -89,7 +87,7 @@ def child_ort(path: str, runs: int) -> dict:
     x = _window()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     times = _timed(lambda: session.run(None, {"waveform": x}), runs)
-    return {"ort_s": statistics.median(times), "ort_peak_mb": _peak_mb()}
+    return {"ort_s": statistics.median(times), "ort_peak_mb": rss_mb("VmHWM")}
 
 
 def child_torch(name: str, runs: int) -> dict:
@@ -99,7 +97,7 @@ def child_torch(name: str, runs: int) -> dict:
     x = torch.from_numpy(_window())
     with torch.inference_mode():
         times = _timed(lambda: module(x), runs)
-    return {"torch_s": statistics.median(times), "torch_peak_mb": _peak_mb(), "torch_threads": torch.get_num_threads()}
+    return {"torch_s": statistics.median(times), "torch_peak_mb": rss_mb("VmHWM"), "torch_threads": torch.get_num_threads()}
 
 
 def child_pair(name: str, path: str, runs: int) -> dict:

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,11 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import rss_mb  # noqa: E402
+
 NAMES = ["dasheng-base", "m2d", "muq", "dasheng-0.6b", "dasheng-1.2b"]
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _window(name: str):
@@ -67,7 +65,7 @@ def step_export(name: str, out: Path, precision: str) -> dict:
             "data_mb": round(data.stat().st_size / 1e6, 1) if data.exists() else 0.0,
             "parameters_m": round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
             "embedding_dim": meta.embedding_dim, "sample_rate": meta.sample_rate,
-            "export_peak_rss_mb": round(_peak_rss_mb())}
+            "export_peak_rss_mb": round(rss_mb("VmHWM"))}
 
 
 def _median_time(run, repeats: int) -> float:
@@ -88,7 +86,7 @@ def step_torch(name: str, repeats: int) -> dict:
     x = torch.from_numpy(_window(name))
     with torch.inference_mode():
         seconds = _median_time(lambda: module(x), repeats)
-    return {"torch_s": round(seconds, 3), "torch_peak_rss_mb": round(_peak_rss_mb())}
+    return {"torch_s": round(seconds, 3), "torch_peak_rss_mb": round(rss_mb("VmHWM"))}
 
 
 def step_onnx(path: str, name: str, repeats: int) -> dict:
@@ -99,7 +97,7 @@ def step_onnx(path: str, name: str, repeats: int) -> dict:
     load = time.perf_counter() - started
     x = _window(name)
     seconds = _median_time(lambda: session.run(None, {"waveform": x}), repeats)
-    return {"onnx_s": round(seconds, 3), "onnx_load_s": round(load, 1), "onnx_peak_rss_mb": round(_peak_rss_mb())}
+    return {"onnx_s": round(seconds, 3), "onnx_load_s": round(load, 1), "onnx_peak_rss_mb": round(rss_mb("VmHWM"))}
 
 
 def step_interleaved(name: str, out: Path, rounds: int) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.checkpoint import CheckpointError, first_line, read_checkpoint
 from export.frontend import PowerMel
 
 SAMPLE_RATE = 44100
@@ -108,14 +109,11 @@ def packaged_checkpoint() -> Path:
 def load_cnn(checkpoint: Path | None = None) -> AisfxCnn:
     """Load the embedding part of the package's CrossNet checkpoint (keys ``embedding_net.*``).
 
-    The file pickles a numpy scalar next to the weights, hence ``weights_only=False``: only
-    load checkpoints you trust.
+    The file pickles numpy scalars in its dataset table next to the weights; they come back as
+    inert stand-ins, which is all the table needs to be, since only the weights are used.
     """
     path = checkpoint or packaged_checkpoint()
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises pickle, zip and OS errors alike
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
+    loaded = read_checkpoint(path)
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[0], dict)):
         raise CheckpointError(f"{path}: not an aisfx checkpoint (expected a (state_dict, datasets) pair)")
     prefix = "embedding_net."
@@ -124,14 +122,6 @@ def load_cnn(checkpoint: Path | None = None) -> AisfxCnn:
     try:
         cnn.load_state_dict(cnn_state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the aisfx CNN ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: weights do not fit the aisfx CNN ({first_line(exc)})") from None
     return cnn.eval()
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is not the one this exporter expects."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

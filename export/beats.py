@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.aisfx import CheckpointError, _first_line
+from export.checkpoint import CheckpointError, read_checkpoint
 from export.kaldi import FbankOptions, KaldiFbank
 from monitor.metadata import BackboneMetadata
 
@@ -263,44 +262,6 @@ class BeatsBackbone(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.tokens(waveform).mean(dim=1)
-
-
-def read_checkpoint(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``, tolerating classes that only training code has.
-
-    Published checkpoints sometimes pickle objects of their training framework next to the
-    weights (fairseq meters, enums in a config). Those names are listed first
-    (``get_unsafe_globals_in_checkpoint``) and replaced by inert placeholders, so nothing from
-    the file is executed and no framework has to be installed.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as exc:  # zip, pickle and OS errors alike
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        stubs = [(_placeholder(name), name) for name in names]
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
-
-
-class _Opaque:
-    """Stands in for a class of a training framework found in a checkpoint; keeps its data."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-def _placeholder(qualified: str) -> type:
-    module, _, name = qualified.rpartition(".")
-    return type(name, (_Opaque,), {"__module__": module, "__qualname__": name})
 
 
 def parse_config(raw: Any, source: str) -> dict[str, Any]:

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from export.aisfx import CheckpointError, _first_line
-from export.frontend import PowerMel
+from export.checkpoint import CheckpointError, load_strict, randomise_norms, read_checkpoint
+from export.frontend import ReflectPowerMel
+from export.vit import Block, PatchEmbed
 from monitor.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -68,85 +68,6 @@ SIZES = {
     "dasheng-0.6b": Size(1280, 32, 16, "dasheng_06b.pt"),
     "dasheng-1.2b": Size(1536, 40, 24, "dasheng_12b.pt"),
 }
-
-
-class ReflectPowerMel(PowerMel):
-    """``PowerMel`` with the centring torchaudio and nnAudio use by default: reflect padding of
-    ``n_fft // 2`` on both sides instead of zeros (the frames, window, FFT and filters are
-    PowerMel's). Needs more than ``n_fft // 2`` samples."""
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        pad = self.n_fft // 2
-        padded = nn.functional.pad(waveform.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
-        frames = padded.unfold(-1, self.n_fft, self.hop_length)  # [B, frames, n_fft]
-        spectrum = torch.fft.rfft(frames * self.window, dim=-1)
-        return (spectrum.real.square() + spectrum.imag.square()) @ self.filters
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (timm's parameter names)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        head = dim // self.num_heads
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head).permute(2, 0, 3, 1, 4)
-        weights = torch.softmax((q * head**-0.5) @ k.transpose(-2, -1), dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); optional layer
-    scale. The parameter names are timm's, which both Dasheng and M2D use."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 layer_scale: bool = False, eps: float = LAYER_NORM_EPS) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, in_chans: int, dim: int, patch: tuple[int, int], stride: tuple[int, int]) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 @dataclass(frozen=True)
@@ -232,7 +153,8 @@ class DashengEncoder(nn.Module):
             self.token_pos_embed = nn.Parameter(0.02 * torch.randn(1, c.embed_dim))
         layer_scale = c.init_values is not None
         self.blocks = nn.Sequential(*[
-            Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, layer_scale) for _ in range(c.depth)
+            Block(c.embed_dim, c.num_heads, int(c.embed_dim * c.mlp_ratio), LAYER_NORM_EPS, c.qkv_bias, layer_scale)
+            for _ in range(c.depth)
         ])
         self.norm = nn.LayerNorm(c.embed_dim, eps=LAYER_NORM_EPS)
 
@@ -272,40 +194,6 @@ def frontend_description(config: DashengConfig) -> str:
     )
 
 
-def read_checkpoint(path: Path) -> object:
-    """torch.load with ``weights_only`` first; a file that pickles other objects is loaded in
-    full only after a warning (only load checkpoints you trust)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s pickles Python objects besides tensors; loading it in full (only load checkpoints you trust)", path)
-    except Exception as exc:  # torch raises zip, OS and pickle errors alike
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
-
-
-def load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
-    """load_state_dict(strict=True) with a one-line error naming the first differences."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{path}: not a {what} checkpoint: {'; '.join(parts)}")
-    module.load_state_dict(state, strict=True)
-
-
 def _check_frontend_buffers(model: DashengEncoder, state: dict, path: Path) -> None:
     """The checkpoint's own window and mel filters (torchaudio buffers) must be ours."""
     ours = {"front_end.0.spectrogram.window": model.mel.window, "front_end.0.mel_scale.fb": model.mel.filters}
@@ -329,8 +217,11 @@ def load_dasheng(path: Path, name: str, size: Size | None = None) -> DashengEnco
         others = [n for n, s in SIZES.items() if s.embed_dim == found.shape[0]]
         hint = f" (it looks like {others[0]})" if others else ""
         raise CheckpointError(f"{path}: width {found.shape[0]} is not {name}'s {size.embed_dim}{hint}")
+    arguments = dump.get("config") or {}
+    if not isinstance(arguments, dict):
+        raise CheckpointError(f"{path}: not a Dasheng checkpoint ('config' is not a dict of model arguments)")
     try:
-        config = config_from_checkpoint(size, dict(dump.get("config") or {}))
+        config = config_from_checkpoint(size, arguments)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model = DashengEncoder(config)
@@ -345,18 +236,8 @@ def random_model(name: str, seed: int = 0) -> DashengEncoder:
     torch.manual_seed(seed)
     size = SIZES[name]
     model = DashengEncoder(DashengConfig(size.embed_dim, size.depth, size.num_heads))
-    _randomise_norms(model)
+    randomise_norms(model)
     return model.eval()
-
-
-def _randomise_norms(model: nn.Module) -> None:
-    """Give BatchNorm running statistics plausible non-trivial values (defaults are 0 / 1)."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
 
 
 def summary(name: str) -> str:

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.aisfx import CheckpointError
-from export.beats import _summarise, read_checkpoint, resolve_layer
+from export.beats import _summarise, resolve_layer
+from export.checkpoint import CheckpointError, hugging_face_weight_file, read_checkpoint
 from export.kaldi import FbankOptions, KaldiFbank
+from export.vit import Block, PatchEmbed
 from monitor.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,6 @@ def sincos_positions(dim: int, rows: int, cols: int) -> np.ndarray:
     return np.concatenate([encode(col), encode(row)], axis=1).astype(np.float32)
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, dim: int, patch: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
-
-
 class FixedPositions(nn.Module):
     def __init__(self, dim: int, length: int) -> None:
         super().__init__()
@@ -120,51 +114,10 @@ class ImageFrontend(nn.Module):
     def __init__(self, arch: dict[str, Any]) -> None:
         super().__init__()
         dim, patch = arch["embed_dim"], arch["patch"]
-        self.local_encoder = PatchEmbed(dim, patch)
+        self.local_encoder = PatchEmbed(1, dim, (patch, patch), (patch, patch))
         self.extra_tokens = nn.Parameter(torch.zeros(1, 1, dim))
         self.fixed_positional_encoder = FixedPositions(dim, arch["max_length"] * (FBANK.num_mel_bins // patch))
         self.context_encoder = ContextNorm(dim, arch["norm_eps"])
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        weights = torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(batch, length, dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Post-norm block (data2vec 2.0 ``AltBlock`` with ``layer_norm_first=False``)."""
-
-    def __init__(self, arch: dict[str, Any]) -> None:
-        super().__init__()
-        dim = arch["embed_dim"]
-        self.norm1 = nn.LayerNorm(dim, eps=arch["norm_eps"])
-        self.attn = Attention(dim, arch["num_heads"])
-        self.norm2 = nn.LayerNorm(dim, eps=arch["norm_eps"])
-        self.mlp = Mlp(dim, arch["mlp_dim"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x))
-        return self.norm2(x + self.mlp(x))
 
 
 class Eat(nn.Module):
@@ -174,12 +127,16 @@ class Eat(nn.Module):
         super().__init__()
         self.arch = dict(arch)
         self.modality_encoders = nn.ModuleDict({"IMAGE": ImageFrontend(arch)})
-        self.blocks = nn.ModuleList(Block(arch) for _ in range(arch["depth"]))
+        # Post-norm blocks: data2vec 2.0's AltBlock with layer_norm_first=False.
+        self.blocks = nn.ModuleList(
+            Block(arch["embed_dim"], arch["num_heads"], arch["mlp_dim"], arch["norm_eps"], norm_first=False)
+            for _ in range(arch["depth"])
+        )
 
     def forward(self, mel: torch.Tensor, num_layers: int) -> torch.Tensor:
         """[B, frames, 128] -> [B, 1 + patches, D] (CLS first)."""
         front = self.modality_encoders["IMAGE"]
-        x = front.local_encoder.proj(mel.unsqueeze(1)).flatten(2).transpose(1, 2)
+        x = front.local_encoder(mel.unsqueeze(1)).flatten(2).transpose(1, 2)
         x = x + front.fixed_positional_encoder.positions[:, : x.shape[1]]
         x = torch.cat([front.extra_tokens.expand(x.shape[0], -1, -1), x], dim=1)
         x = front.context_encoder.norm(x)
@@ -215,30 +172,6 @@ class EatBackbone(nn.Module):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         x = self.tokens(waveform)
         return x[:, 0] if self.pooling == "cls" else x[:, 1:].mean(dim=1)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` file (8-byte little-endian header size, JSON header, raw data)."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32}
-    data = path.read_bytes()
-    try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8: 8 + size])
-    except (struct.error, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a safetensors file ({exc})") from None
-    base = 8 + size
-    state = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in dtypes:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        raw = bytearray(data[base + start: base + end])
-        tensor = torch.frombuffer(raw, dtype=dtypes[entry["dtype"]]) if raw else torch.empty(0)
-        state[name] = tensor.reshape(entry["shape"]).float()
-    return state
 
 
 def _layout(state: dict[str, Any], source: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -311,18 +244,12 @@ def load_eat(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(layout, architecture, state dict under our names) from any supported checkpoint file."""
     config: Any = None
     if path.is_dir():  # a downloaded Hugging Face model folder
-        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not found:
-            raise CheckpointError(f"{path}: a folder without model.safetensors or pytorch_model.bin")
-        path = found[0]
-    if path.suffix == ".safetensors":
-        state: Any = read_safetensors(path)
+        path = hugging_face_weight_file(path)
+    loaded = read_checkpoint(path)
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        state, config = loaded["model"], loaded.get("cfg")
     else:
-        loaded = read_checkpoint(path)
-        if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-            state, config = loaded["model"], loaded.get("cfg")
-        else:
-            state = loaded  # a bare state dict (Hugging Face pytorch_model.bin)
+        state = loaded  # a bare state dict (Hugging Face model.safetensors or pytorch_model.bin)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not an EAT checkpoint (no state dict)")
     layout, encoder = _layout(state, str(path))

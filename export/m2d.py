@@ -30,19 +30,20 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from export.aisfx import CheckpointError
+from export.checkpoint import CheckpointError, load_strict, randomise_norms, read_checkpoint
+from export.frontend import ReflectPowerMel, slaney_mel_filterbank
+from export.vit import Block, PatchEmbed
 from monitor.metadata import BackboneMetadata
-from export.dasheng import Block, PatchEmbed, ReflectPowerMel, _randomise_norms, load_strict, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 EMBED_DIM = 768
 DEPTH = 12
 NUM_HEADS = 12
+LAYER_NORM_EPS = 1e-6
 N_MELS = 80
 DEFAULT_NORM_STATS = (-7.1, 4.2)
 LOG_EPS = float(torch.finfo(torch.float32).eps)
@@ -93,30 +94,6 @@ def parse_release_name(name: str) -> M2DConfig:
     return M2DConfig((f, t), (pf, pt), match.group(5) or "16k")
 
 
-def slaney_mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
-    """Triangular filters on the Slaney mel scale (linear below 1 kHz, logarithmic above) with
-    area normalisation (each filter times 2 / its bandwidth in Hz): librosa's default, which
-    nnAudio's mel spectrogram uses. Shape [n_fft // 2 + 1, n_mels]."""
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
-
-    def to_mel(hz: np.ndarray) -> np.ndarray:
-        hz = np.asarray(hz, dtype=np.float64)
-        return np.where(hz >= min_log_hz, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, hz / f_sp)
-
-    def to_hz(mel: np.ndarray) -> np.ndarray:
-        return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)
-
-    fft_freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
-    edges = to_hz(np.linspace(to_mel(f_min), to_mel(f_max), n_mels + 2))
-    widths = np.diff(edges)
-    ramps = edges[:, None] - fft_freqs[None, :]
-    rising = -ramps[:-2] / widths[:-1, None]
-    falling = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
-    return weights.T.astype(np.float32)
-
-
 class M2DEncoder(nn.Module):
     """Waveform [B, T] -> frame features [B, frames, 3840] (``frame_features``) or their mean.
 
@@ -134,8 +111,8 @@ class M2DEncoder(nn.Module):
         self.patch_embed = PatchEmbed(1, d, config.patch_size, config.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + config.grid[0] * config.grid[1], d))
-        self.blocks = nn.Sequential(*[Block(d, config.num_heads, 4.0, True) for _ in range(config.depth)])
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.blocks = nn.Sequential(*[Block(d, config.num_heads, 4 * d, LAYER_NORM_EPS) for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.register_buffer("norm_stats", torch.tensor(DEFAULT_NORM_STATS))
 
     @property
@@ -228,7 +205,7 @@ def load_m2d(path: Path, config: M2DConfig | None = None) -> M2DEncoder:
 def random_model(config: M2DConfig = M2DConfig(), seed: int = 0) -> M2DEncoder:
     torch.manual_seed(seed)
     model = M2DEncoder(config)
-    _randomise_norms(model)
+    randomise_norms(model)
     with torch.no_grad():
         model.norm_stats.copy_(torch.tensor(DEFAULT_NORM_STATS))
     return model.eval()

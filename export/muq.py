@@ -27,17 +27,16 @@ import argparse
 import json
 import logging
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from export.aisfx import CheckpointError, _first_line
+from export.checkpoint import (CheckpointError, first_line, hugging_face_weight_file, load_strict, randomise_norms,
+                               read_checkpoint)
+from export.frontend import ReflectPowerMel
 from monitor.metadata import BackboneMetadata
-from export.dasheng import ReflectPowerMel, _randomise_norms, load_strict
 
 log = logging.getLogger(__name__)
 
@@ -302,40 +301,6 @@ def frontend_description(config: MuQConfig) -> str:
 
 # --- the Hugging Face folder ----------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                       "BOOL": np.bool_}
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` file (8-byte little-endian header size, JSON header, raw tensors) read
-    through a memory map, without the ``safetensors`` package."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{path}: not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:
-            raise CheckpointError(f"{path}: not a safetensors file (header size {size})")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
-        begin, end = entry["data_offsets"]
-        array = np.frombuffer(data[begin:end], dtype=dtype).reshape(entry["shape"]).copy()
-        tensor = torch.from_numpy(array)
-        tensors[name] = tensor.view(torch.bfloat16).float() if entry["dtype"] == "BF16" else tensor
-    return tensors
-
-
 def read_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(config.json, weights, weight file) of a Hugging Face folder (or of the weight file's folder)."""
     folder = path if path.is_dir() else path.parent
@@ -345,23 +310,11 @@ def read_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     try:
         raw = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: unreadable ({_first_line(exc)})") from None
+        raise CheckpointError(f"{config_path}: unreadable ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: not a MuQ config")
-    if path.is_dir():
-        candidates = [folder / "model.safetensors", folder / "pytorch_model.bin"]
-        weight_file = next((c for c in candidates if c.is_file()), None)
-        if weight_file is None:
-            raise CheckpointError(f"{path}: neither model.safetensors nor pytorch_model.bin in the folder")
-    else:
-        weight_file = path
-    if weight_file.suffix == ".safetensors":
-        weights = read_safetensors(weight_file)
-    else:
-        try:
-            weights = torch.load(weight_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{weight_file}: cannot read as a torch checkpoint ({_first_line(exc)})") from None
+    weight_file = hugging_face_weight_file(folder) if path.is_dir() else path
+    weights = read_checkpoint(weight_file)
     if not isinstance(weights, dict):
         raise CheckpointError(f"{weight_file}: not a state dict")
     return raw, weights, weight_file
@@ -384,7 +337,7 @@ def load_muq(path: Path) -> MuQEncoder:
 def random_model(config: MuQConfig = MuQConfig(), seed: int = 0) -> MuQEncoder:
     torch.manual_seed(seed)
     model = MuQEncoder(config)
-    _randomise_norms(model)
+    randomise_norms(model)
     return model.eval()
 
 

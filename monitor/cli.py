@@ -16,6 +16,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from monitor import __version__
 from monitor.audio import AudioError, load_audio
 from monitor.backbone import BackboneError, builtin_names
@@ -24,6 +26,7 @@ from monitor.config import BackboneConfig, Config, ConfigError, load_config
 from monitor.dataset import DatasetError, find_audio
 from monitor.detector import Detector
 from monitor.fusion import FusionError
+from monitor.idle import NOISE_CONDITION
 from monitor.knn import KnnError
 from monitor.metadata import ModelMetadataError
 from monitor.mqtt import MqttConfigError
@@ -50,6 +53,24 @@ def _progress_factory(description: str):
     return make
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _snr_range(text: str) -> tuple[float, float]:
+    """``LOW:HIGH`` in dB (LOW <= HIGH)."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH in dB, e.g. -6:0, got {text!r}") from None
+    if low > high:
+        raise argparse.ArgumentTypeError(f"LOW must not exceed HIGH, got {text!r}")
+    return low, high
+
+
 def _config(args: argparse.Namespace) -> Config:
     config = load_config(args.config) if args.config else Config()
     if getattr(args, "backbone", None):
@@ -58,14 +79,18 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from monitor.enroll import enroll_files
+    from monitor.enroll import NoiseMixing, enroll_files
 
+    if args.mix_noise and args.noise:
+        raise UsageError("--mix-noise mixes machine recordings with site noise; it cannot go with --noise")
     detector = Detector.from_config(_config(args))
     paths = find_audio(args.paths)
-    result = enroll_files(detector, BankStore(args.bank), paths, args.condition, args.replace, args.note,
-                          _progress_factory("enroll")(len(paths)))
+    mixing = NoiseMixing(find_audio(args.mix_noise), args.mixes, args.snr_db) if args.mix_noise else None
+    condition = NOISE_CONDITION if args.noise else args.condition
+    result = enroll_files(detector, BankStore(args.bank), paths, condition, args.replace, args.note,
+                          _progress_factory("enroll")(len(paths)), mixing)
     print(f"bank {args.bank}: version {result.version}, {len(result.bank)} windows "
-          f"({result.new_windows} new, condition {args.condition}), backbones {', '.join(result.bank.backbones)}")
+          f"({result.new_windows} new, condition {condition}), backbones {', '.join(result.bank.backbones)}")
     return 0
 
 
@@ -77,10 +102,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     for path in find_audio(args.paths):
         embedded = detector.embed(load_audio(path))
         scores = detector.score(embedded.embeddings)
-        worst = int(scores.fused.argmax())
-        rows.append({
-            "file": str(path),
-            "windows": len(embedded.starts),
+        idle = detector.idle(embedded.embeddings)  # machine stopped: no verdict (site noise enrolled)
+        row = {"file": str(path), "windows": len(embedded.starts), "idle_windows": int(idle.sum())}
+        if idle.all():
+            rows.append(row | {"worst_window_start_s": None, "fused_rank": None, "anomalous": None,
+                               "backbones": {}})
+            continue
+        running = np.flatnonzero(~idle)
+        worst = int(running[scores.fused[running].argmax()])
+        rows.append(row | {
             "worst_window_start_s": embedded.starts[worst],
             "fused_rank": float(scores.fused[worst]),
             "anomalous": bool(scores.fused[worst] > threshold),
@@ -93,9 +123,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from monitor.report import format_table
 
     names = list(detector.model_ids)
-    table = [{"file": Path(r["file"]).name, **{f"{n} score": r["backbones"][n]["score"] for n in names},
-              **{f"{n} rank": r["backbones"][n]["rank"] for n in names},
-              "fused": r["fused_rank"], "verdict": "ANOMALY" if r["anomalous"] else "normal"} for r in rows]
+    table = [{"file": Path(r["file"]).name, **{f"{n} score": r["backbones"].get(n, {}).get("score", "") for n in names},
+              **{f"{n} rank": r["backbones"].get(n, {}).get("rank", "") for n in names},
+              "fused": "" if r["fused_rank"] is None else r["fused_rank"],
+              "verdict": "idle" if r["anomalous"] is None else "ANOMALY" if r["anomalous"] else "normal"} for r in rows]
     columns = ["file", *[f"{n} score" for n in names], *[f"{n} rank" for n in names], "fused", "verdict"]
     print(format_table(table, columns))
     print(f"(rank = share of the bank's own leave-one-out scores below; anomalous when fused rank > {threshold:g})")
@@ -275,7 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enroll", parents=[common], help="add normal recordings to a bank (new bank version)")
     p.add_argument("--bank", type=Path, required=True, help="bank directory")
     p.add_argument("--backbone", action="append", help=backbone_help)
-    p.add_argument("--condition", default="default", help="operating condition of these recordings (default: default)")
+    condition = p.add_mutually_exclusive_group()
+    condition.add_argument("--condition", default="default", help="operating condition of these recordings (default: default)")
+    condition.add_argument("--noise", action="store_true",
+                           help=f"noise-only recordings of the site with the machine stopped (condition {NOISE_CONDITION}): "
+                                "the daemon then reports such windows as idle instead of scoring them")
+    p.add_argument("--mix-noise", action="append", type=Path, metavar="PATH",
+                   help="clean machine recordings: also enroll each mixed with these noise-only recordings of the "
+                        "site (files or folders, repeatable)")
+    p.add_argument("--mixes", type=_positive_int, default=3, help="mixtures per recording with --mix-noise (default: 3)")
+    p.add_argument("--snr-db", type=_snr_range, default=(-6.0, 0.0), metavar="LOW:HIGH",
+                   help="machine-to-site-noise ratio of the mixtures in dB, drawn at random in this range (default: -6:0; write --snr-db=-12:-3)")
     p.add_argument("--replace", action="store_true", help="start a new bank instead of adding to the current version")
     p.add_argument("--note", help="note stored with the new bank version")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="audio files or folders")
@@ -319,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop", "cancel", "status"])
     p.add_argument("--machine", required=True, help="machine name from the config")
     p.add_argument("--duration", type=float, help="seconds of audio to enroll (default: enrollment.default_duration_seconds)")
-    p.add_argument("--condition", default="default", help="operating condition (default: default)")
+    p.add_argument("--condition", default="default",
+                   help=f"operating condition (default: default; {NOISE_CONDITION}: the machine is stopped, enroll the site's noise)")
     p.set_defaults(func=cmd_enroll_live)
 
     p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")

@@ -53,6 +53,14 @@ class ScoringConfig:
     metric: Metric = "mahalanobis"
     k: int = field(default=1, metadata=_range(1))
     shrinkage: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
+    # Per condition sub-bank: exact below 100 000 embeddings, HNSW above (monitor/knn.py).
+    index: Literal["auto", "flat", "hnsw"] = "auto"
+    # The leave-one-out reference costs O(n^2): above this many bank windows it is computed
+    # exactly for an evenly spread sample of this many (measured: 1e4 windows take 20-30 s).
+    reference_max_windows: int = field(default=5000, metadata=_range(2))
+    # With site noise enrolled: a window is idle (machine stopped) when its distance to the
+    # noise is at most this share of its distance to the running machine (monitor/idle.py).
+    idle_margin: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
 
 
 @dataclass(frozen=True)
@@ -203,8 +211,13 @@ class DaemonConfig:
     # None: systemd's $STATE_DIRECTORY (StateDirectory=), else /var/lib/asd-monitor.
     state_dir: Path | None = None
     hop_seconds: float = field(default=10.0, metadata=_range(0.0, exclusive_min=True))
-    queue_size: int = field(default=8, metadata=_range(1))
+    # Windows waiting for the scorer; 0 = max(8, 2 x machines): every hop delivers one window
+    # per machine at once, so a fixed small queue drops windows on a box with many machines.
+    queue_size: int = field(default=0, metadata=_range(0))
     event_log: Path | None = None  # default: <state_dir>/events.jsonl
+
+    def resolved_queue_size(self, machines: int) -> int:
+        return self.queue_size or max(8, 2 * machines)
 
     def resolved_state_dir(self) -> Path:
         if self.state_dir is not None:
@@ -217,6 +230,9 @@ class DaemonConfig:
 class RuntimeConfig:
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = field(default=0, metadata=_range(0))
+    # numpy BLAS and faiss OpenMP threads in every daemon thread (0 = the libraries' default);
+    # one is measured fastest for one window at a time (see monitor/threads.py).
+    compute_threads: int = field(default=1, metadata=_range(0))
 
 
 def _default_backbones() -> list[BackboneConfig]:

@@ -41,6 +41,7 @@ from monitor.detector import Detector
 from monitor.enroll import enrolled_level
 from monitor.enrollment import Command, CommandError, Session, parse_command
 from monitor.events import EventLog
+from monitor.idle import NOISE_CONDITION, noise_rows
 from monitor.fusion import FusionError
 from monitor.knn import KnnError
 from monitor.messages import AlertEvent, BackboneScore, ScoreMessage, StateMessage, Topics, iso_time
@@ -52,6 +53,7 @@ from monitor.sensor import check_window
 from monitor.sources import AudioDeviceError, AudioSource, FileSource, MicrophoneSource, make_source
 from monitor.systemd import Notifier
 from monitor.telemetry import Telemetry
+from monitor.threads import limit_compute_threads
 
 log = logging.getLogger(__name__)
 console = logging.getLogger("asd.console")  # alerts and sensor faults, for a person watching
@@ -128,7 +130,8 @@ class Daemon:
         self.backbones: list[Backbone] = []
         self.sources: dict[str, AudioSource] = {}
         self.machines: list[Machine] = []
-        self.queue: queue.Queue[QueuedWindow] = queue.Queue(maxsize=config.daemon.queue_size)
+        self.queue: queue.Queue[QueuedWindow] = queue.Queue(
+            maxsize=config.daemon.resolved_queue_size(len(config.machines)))
         self.stop_event = threading.Event()
         self.publisher: Publisher | None = None
         self.control: ControlServer | None = None
@@ -145,6 +148,7 @@ class Daemon:
         """Load models and banks, open outputs, start audio. Raises on any start-up problem,
         before audio starts, so a bad setup never half-runs."""
         cfg = self.config
+        limit_compute_threads(cfg.runtime.compute_threads)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -187,6 +191,11 @@ class Daemon:
                         "(asd-monitor enroll --bank %s ...)", machine.name, machine.store.path, machine.store.path)
             self._set_state(machine, "idle", "no bank enrolled")
             return
+        if len(noise_rows(bank.condition_labels())) == len(bank):
+            log.warning("%s: bank %s holds only site noise: windows are not scored until the running machine "
+                        "is enrolled", machine.name, bank.version)
+            self._set_state(machine, "idle", "only site noise enrolled")
+            return
         detector = Detector(self.backbones, self.config)
         detector.fit(bank)
         references = {
@@ -221,6 +230,7 @@ class Daemon:
     def _start_source(self, source: AudioSource) -> None:
         window = round(self.backbones[0].meta.window_seconds * source.sample_rate)
         hop = round(self.config.daemon.hop_seconds * source.sample_rate)
+        self.telemetry.add_source(source.name)
         windower = Windower(source.ring, window, hop)
         if isinstance(source, MicrophoneSource):
             # A missing microphone is a sensor fault to report and retry, not a reason to exit
@@ -236,7 +246,13 @@ class Daemon:
         self._spawn(lambda: self._cut_windows(source, windower), f"windows-{source.name}")
 
     def _spawn(self, target, name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        threads = self.config.runtime.compute_threads
+
+        def run() -> None:
+            limit_compute_threads(threads)
+            target()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -348,27 +364,46 @@ class Daemon:
             self._sensor_fault(machine, start, end, faults, report.rms_dbfs)
             self._enroll_window(machine, start, None, None, report.rms_dbfs, "sensor_fault")
         elif scoring is None:
-            self.telemetry.window(machine.name, "idle")
-            self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end),
-                                             "idle", None, False))
+            self._idle(machine, start, end)
             if machine.session is not None:
                 embedded = Detector(self.backbones, self.config).embed(Audio(samples, rate, machine.name))
                 self._enroll_window(machine, start, embedded.embeddings, None, report.rms_dbfs)
         else:
-            embeddings, fused = self._score(machine, scoring, samples, rate, start, end)
-            self._enroll_window(machine, start, embeddings, fused, report.rms_dbfs)
+            detector = scoring.detector
+            embedded = detector.embed(Audio(samples, rate, machine.name))
+            for name, seconds in detector.last_inference_seconds.items():
+                self.telemetry.observe_inference(name, seconds)
+            if self._enrolling_noise(machine) or detector.idle(embedded.embeddings)[0]:
+                # The machine is stopped: nothing to judge (and site noise being enrolled
+                # must not raise an alarm against the machine's own bank).
+                self._idle(machine, start, end)
+                self._enroll_window(machine, start, embedded.embeddings, None, report.rms_dbfs,
+                                    None if self._enrolling_noise(machine) else "idle")
+            else:
+                fused = self._score(machine, scoring, embedded.embeddings, samples, rate, start, end)
+                self._enroll_window(machine, start, embedded.embeddings, fused, report.rms_dbfs)
         self.telemetry.observe_latency(machine.name, time.monotonic() - item.ready)
         if self.publisher is not None:
             self.telemetry.set_mqtt_outbox(self.publisher.outbox_depth)
         self.windows_processed += 1
 
-    def _score(self, machine: Machine, scoring: Scoring, samples, rate: int, start: float,
-               end: float) -> tuple[dict[str, np.ndarray], float]:
+    def _idle(self, machine: Machine, start: float, end: float) -> None:
+        """A window without an anomaly decision: no bank yet, or the machine is stopped."""
+        self.telemetry.window(machine.name, "idle")
+        self._publish_score(ScoreMessage(self.topics.site, machine.name, iso_time(start), iso_time(end),
+                                         "idle", None, False))
+        if machine.scoring is not None and machine.state not in ("idle", "enrolling") and not machine.tracker.alerting:
+            self._set_state(machine, "idle", "machine not running (sounds like the enrolled site noise)")
+
+    @staticmethod
+    def _enrolling_noise(machine: Machine) -> bool:
+        session = machine.session
+        return session is not None and session.condition == NOISE_CONDITION
+
+    def _score(self, machine: Machine, scoring: Scoring, embeddings: dict[str, np.ndarray], samples, rate: int,
+               start: float, end: float) -> float:
         detector, tracker = scoring.detector, machine.tracker
-        embedded = detector.embed(Audio(samples, rate, machine.name))
-        for name, seconds in detector.last_inference_seconds.items():
-            self.telemetry.observe_inference(name, seconds)
-        raw, conditions = detector.raw_scores(embedded.embeddings)
+        raw, conditions = detector.raw_scores(embeddings)
         scores = {name: float(values[0]) for name, values in raw.items()}
         ranks = {name: scoring.references[name].rank(score) for name, score in scores.items()}
         fused = float(detector.fuse({name: [rank] for name, rank in ranks.items()})[0])
@@ -391,7 +426,7 @@ class Daemon:
             self._alert(machine, transition, fused, backbones, conditions[0], samples, rate)
         elif not tracker.alerting and machine.state not in ("normal", "enrolling"):
             self._set_state(machine, "normal")
-        return embedded.embeddings, fused
+        return fused
 
     # ------------------------------------------------------- live enrollment
     def command(self, machine_name: str, payload: bytes) -> dict:
@@ -450,7 +485,10 @@ class Daemon:
             if session is None:
                 return
             session.advance(self.config.daemon.hop_seconds)
-            if fault is not None:
+            if fault == "idle":
+                session.excluded_idle += 1
+                result = "idle"
+            elif fault is not None:
                 session.excluded_faults += 1
                 result = "sensor_fault"
             elif fused is not None and fused > self.config.enrollment.outlier_rank:

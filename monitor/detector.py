@@ -19,6 +19,7 @@ from monitor.backbone import Backbone, BackboneError
 from monitor.bank import Bank
 from monitor.config import Config
 from monitor.fusion import fuse, rank_ratio
+from monitor.idle import IdleDetector, noise_rows
 from monitor.knn import KnnScorer
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Detector:
         self._knn: dict[str, KnnScorer] = {}
         self.last_inference_seconds: dict[str, float] = {}
         self._reference: dict[str, np.ndarray] = {}
+        self._idle: IdleDetector | None = None
         self.bank: Bank | None = None
 
     @classmethod
@@ -69,6 +71,11 @@ class Detector:
     @property
     def window_seconds(self) -> float:
         return self.backbones[0].meta.window_seconds
+
+    @property
+    def lead_backbone(self) -> str:
+        """The heaviest backbone: it names the nearest condition and judges idle windows."""
+        return max(self.weights, key=self.weights.__getitem__)
 
     @property
     def model_ids(self) -> dict[str, str]:
@@ -100,18 +107,40 @@ class Detector:
             raise BackboneError(f"bank has no embeddings for backbone(s) {', '.join(missing)}: enroll with them first")
         # The bank may hold more backbones than are configured; those configured must match.
         bank.check_compatible(bank.model_ids | self.model_ids)
-        if len(bank) < 2:
-            raise BackboneError(f"bank holds {len(bank)} window(s): at least 2 are needed to rank scores")
         conditions = bank.condition_labels()
+        noise = noise_rows(conditions)
+        running = np.setdiff1d(np.arange(len(bank)), noise)
+        if len(running) < 2:
+            raise BackboneError(f"bank holds {len(running)} window(s) of the running machine"
+                                f"{f' (and {len(noise)} of site noise)' if len(noise) else ''}: "
+                                "at least 2 are needed to rank scores")
+        running_conditions = [conditions[i] for i in running]
         scoring = self.config.scoring
         for backbone in self.backbones:
             metric = self.metrics[backbone.name]
-            knn = KnnScorer(bank.embeddings[backbone.name], conditions, metric, scoring.k, scoring.shrinkage)
+            embeddings = bank.embeddings[backbone.name]
+            knn = KnnScorer(embeddings[running], running_conditions, metric, scoring.k, scoring.shrinkage,
+                            scoring.index)
             self._knn[backbone.name] = knn
-            self._reference[backbone.name] = knn.leave_one_out()
+            self._reference[backbone.name] = knn.leave_one_out(max_rows=scoring.reference_max_windows)
+        lead = self.lead_backbone
+        self._idle = None if not len(noise) else IdleDetector(
+            bank.embeddings[lead][running], bank.embeddings[lead][noise], scoring.k, scoring.idle_margin)
         self.bank = bank
         log.info("detector fitted on bank %s: %d windows, conditions %s", bank.version or "(in memory)",
                  len(bank), ",".join(bank.conditions))
+
+    @property
+    def idle_detector(self) -> IdleDetector | None:
+        """Fitted from the bank's site noise; None when none is enrolled."""
+        return self._idle
+
+    def idle(self, embeddings: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per window: True when it sounds like the site with the machine stopped (judged
+        by the heaviest backbone; all False without enrolled site noise)."""
+        if self._idle is None:
+            return np.zeros(len(next(iter(embeddings.values()))), dtype=bool)
+        return self._idle.is_idle(embeddings[self.lead_backbone])
 
     def reference(self, name: str) -> np.ndarray:
         return self._reference[name]
@@ -123,7 +152,7 @@ class Detector:
         raw, conditions = {}, {}
         for name, knn in self._knn.items():
             raw[name], conditions[name] = knn.score_with_conditions(embeddings[name])
-        return raw, conditions[max(self.weights, key=self.weights.__getitem__)]
+        return raw, conditions[self.lead_backbone]
 
     def fuse(self, ranks: Mapping[str, np.ndarray]) -> np.ndarray:
         return fuse(ranks, self.weights, self.config.fusion.rule)

@@ -8,7 +8,8 @@ too few clean windows is refused rather than saved: a bank of a handful of windo
 every later rank meaningless.
 
 Commands (from the local control socket or MQTT) are JSON objects:
-``{"action": "start", "duration_s": 600, "condition": "night"}``, ``{"action": "stop"}`` (end
+``{"action": "start", "duration_s": 600, "condition": "night"}`` (condition ``site-noise``:
+the machine is stopped and the site's noise is enrolled, see monitor/idle.py), ``{"action": "stop"}`` (end
 now and save), ``{"action": "cancel"}`` (discard) and ``{"action": "status"}``.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from monitor.bank import BankItem
 from monitor.config import EnrollmentConfig
+from monitor.idle import NOISE_CONDITION
 
 ACTIONS = ("start", "stop", "cancel", "status")
 _CONDITION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -66,7 +68,7 @@ def parse_command(payload: bytes | str, config: EnrollmentConfig) -> Command:
     condition = data.get("condition", "default")
     if not isinstance(condition, str) or not _CONDITION_RE.fullmatch(condition):
         raise CommandError(f"condition must be a short name of letters, digits, '_', '.', '-', got {condition!r}")
-    if config.conditions and condition not in config.conditions:
+    if config.conditions and condition not in (*config.conditions, NOISE_CONDITION):
         raise CommandError(f"unknown condition {condition!r} (configured: {', '.join(config.conditions)})")
     return Command(action, float(duration), condition, request_id)
 
@@ -83,6 +85,7 @@ class Session:
     embeddings: dict[str, list[np.ndarray]] = field(default_factory=dict)
     excluded_faults: int = 0
     excluded_outliers: int = 0
+    excluded_idle: int = 0  # the machine sounded stopped (site noise) while it was to be enrolled
 
     @property
     def accepted(self) -> int:
@@ -110,4 +113,5 @@ class Session:
     def summary(self) -> dict[str, Any]:
         return {"condition": self.condition, "duration_s": self.duration_s, "started_at": self.started_at,
                 "progress": round(self.progress, 3), "accepted_windows": self.accepted,
-                "excluded_sensor_faults": self.excluded_faults, "excluded_outliers": self.excluded_outliers}
+                "excluded_sensor_faults": self.excluded_faults, "excluded_outliers": self.excluded_outliers,
+                "excluded_idle": self.excluded_idle}

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 WINDOW_STATUSES = ("ok", "sensor_fault", "idle", "dropped")
 ALERT_TYPES = ("raise", "clear")
 SENSOR_FAULTS = ("silence", "low_level", "clipping", "nonfinite", "dropout", "device")
-ENROLLMENT_RESULTS = ("accepted", "sensor_fault", "outlier")
+ENROLLMENT_RESULTS = ("accepted", "sensor_fault", "outlier", "idle")
 MACHINE_STATES = ("normal", "alert", "sensor_fault", "idle", "starting", "enrolling")
 
 # One backbone on one window: a DSP feature takes milliseconds, a CNN on a slow CPU seconds.
@@ -176,6 +176,11 @@ class Telemetry:
 
     def set_queue_depth(self, depth: int) -> None:
         self._queue_depth.set(depth)
+
+    def add_source(self, source: str) -> None:
+        """Create the source's series at zero, so that ``rate()`` and alerts on overflows work
+        before the first one (a series that appears at its first increment loses that one)."""
+        self._overflows.labels(source)
 
     def audio_overflow(self, source: str, count: int = 1) -> None:
         self._overflows.labels(source).inc(count)

@@ -28,6 +28,18 @@ def machine_sound(seed: int, seconds: float = 10.0, fault: bool = False, rate: i
     return np.clip(x, -0.95, 0.95).astype(np.float32)  # below the sensor check's clipping level
 
 
+def site_noise(seed: int, seconds: float = 10.0, rate: int = RATE) -> np.ndarray:
+    """The site with the machine stopped: a distant compressor (a 50 Hz family of tones, slowly
+    beating) in low-passed broadband noise, at a level like the machine's."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    hum = sum((0.2 / k) * np.sin(2 * np.pi * 50.0 * k * t + rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3, 5))
+    hum = hum * (1 + 0.3 * np.sin(2 * np.pi * 0.5 * t))
+    rumble = np.convolve(rng.standard_normal(t.size), np.ones(16) / 16, "same")
+    x = (hum + 0.4 * rumble) * (0.5 + 0.05 * rng.standard_normal())
+    return np.clip(x, -0.95, 0.95).astype(np.float32)
+
+
 def write_clip(path: Path, samples: np.ndarray, rate: int = RATE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, samples, rate)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from export import beats, eat
-from export.aisfx import CheckpointError
+from export.checkpoint import CheckpointError
 from export.cli import main as export_main
 from export.onnx_export import PARITY_RTOL, relative_error
 from monitor.backbone import Backbone

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from threadpoolctl import threadpool_info
 
 from monitor.bank import BankStore
 from monitor.config import (AlertConfig, BackboneConfig, Config, DaemonConfig, MachineConfig, MetricsConfig,
@@ -192,8 +193,24 @@ def test_metrics_endpoint_passes_promtool(tmp_path: Path) -> None:
     assert 'asd_windows_total{machine="motor",status="ok"}' in text
     assert 'asd_inference_seconds_count{backbone="logmel"}' in text
     assert 'asd_alerts_total{machine="motor",type="raise"}' in text
+    assert 'asd_audio_overflows_total{source="replay"} 0.0' in text  # exists before the first overflow
     ok = [line for line in text.splitlines() if line.startswith('asd_windows_total{machine="motor",status="ok"}')]
     assert float(ok[0].split()[-1]) >= 6
+
+
+def test_queue_sized_by_machine_count_and_compute_threads_limited_in_every_thread(tmp_path: Path) -> None:
+    """Every hop delivers one window per machine at once: the automatic queue holds twice that.
+    numpy/faiss thread limits are per thread for OpenMP, so each daemon thread sets its own."""
+    base = daemon_config(tmp_path, clips(tmp_path / "replay", "n"))
+    many = replace(base, machines=[MachineConfig(f"m{i}", "replay") for i in range(12)])
+    assert Daemon(base).queue.maxsize == 8 and Daemon(many).queue.maxsize == 24
+    assert Daemon(replace(many, daemon=replace(many.daemon, queue_size=5))).queue.maxsize == 5
+
+    daemon = Daemon(replace(base, runtime=replace(base.runtime, compute_threads=1)))
+    seen: list[list[int]] = []
+    daemon._spawn(lambda: seen.append([pool["num_threads"] for pool in threadpool_info()]), "probe")
+    daemon._threads[-1].join(10)
+    assert seen and seen[0] and set(seen[0]) == {1}, seen
 
 
 def test_sensor_faults_from_files_are_never_scored(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from export import dasheng, m2d, muq
+from export.checkpoint import randomise_norms, read_safetensors
 from export.cli import main as export_main
 from export.onnx_export import PARITY_RTOL, export_backbone, relative_error
 from export.registry import EXPORTERS, metadata
@@ -54,7 +55,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for name, p in model.named_parameters():
             base = 1.0 if name.endswith("weight") and p.dim() == 1 else 0.0
             p.copy_(base + 0.05 * torch.randn(p.shape, generator=generator))
-    dasheng._randomise_norms(model)
+    randomise_norms(model)
     return model.eval()
 
 
@@ -333,7 +334,7 @@ def test_muq_with_a_missing_weight_is_refused(checkpoints: dict, tmp_path: Path)
     folder = tmp_path / "muq"
     folder.mkdir()
     (folder / "config.json").write_text((checkpoints["muq"] / "config.json").read_text())
-    state = muq.read_safetensors(checkpoints["muq"] / "model.safetensors")
+    state = read_safetensors(checkpoints["muq"] / "model.safetensors")
     del state["model.conformer.layers.1.final_layer_norm.bias"]
     _write_safetensors(folder / "model.safetensors", state)
     with pytest.raises(ValueError, match="1 missing .*final_layer_norm.bias"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import datetime
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import soundfile as sf
 
 from monitor.bank import BankStore
 from monitor.cli import main
-from monitor.config import EnrollmentConfig, MachineConfig, SourceConfig
+from monitor.config import EnrollmentConfig, MachineConfig, ScheduleConfig, SourceConfig
 from monitor.control import request
 from monitor.daemon import Daemon
 from monitor.enrollment import CommandError, parse_command
@@ -194,3 +195,25 @@ def test_live_enrollment_through_the_real_microphone_path(tmp_path: Path, pulse_
     _wait_for(lambda: daemon.machines[0].scoring is not None, 20)
     bank = BankStore(config.daemon.state_dir / "banks" / "motor").load()
     assert len(bank) >= 3 and all(item.source == "live:motor" for item in bank.items)
+
+
+def test_scheduled_enrollment_starts_once_a_day_at_its_time(tmp_path: Path, running) -> None:
+    """``enrollment.schedule``: at ``daily_at`` (local time) the daemon enrolls by itself,
+    exactly as a start command would, and not again that day."""
+    now = datetime.now()
+    if now.second > 50:  # keep the whole test inside one minute
+        time.sleep(61 - now.second)
+        now = datetime.now()
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), loop=True)
+    entry = ScheduleConfig(machine="motor", daily_at=now.strftime("%H:%M"), duration_seconds=40.0, condition="night")
+    config = replace(config, enrollment=EnrollmentConfig(min_windows=4, schedule=[entry]))
+    store = BankStore(config.daemon.state_dir / "banks" / "motor")
+    daemon = running(config)
+    _wait_for(lambda: store.current() == "v000001")
+    bank = store.load()
+    assert bank.conditions == ["night"] and len(bank) == 4
+    assert bank.note.startswith("live enrollment, condition night")
+    started = [e for e in _events(daemon) if e["kind"] == "command" and e["reply"].get("action") == "start"]
+    assert len(started) == 1
+    daemon._check_schedule()  # the same minute again: already done today
+    assert daemon.machines[0].session is None and store.versions() == ["v000001"]

@@ -157,3 +157,29 @@ def test_a_sampled_reference_ranks_like_the_full_one() -> None:
     full = rank_ratio(scorer.leave_one_out(), scores)
     sampled = rank_ratio(scorer.leave_one_out(max_rows=1000), scores)  # nan rows are skipped
     assert np.max(np.abs(full - sampled)) < 0.05
+
+
+def test_scoring_config_reaches_the_detector() -> None:
+    """``scoring.index`` and ``scoring.reference_max_windows`` from the config are what the
+    daemon's detector uses (logmel: the shipped ONNX model)."""
+    from dataclasses import replace
+
+    from monitor.bank import Bank, BankItem
+    from monitor.config import BackboneConfig, Config
+    from monitor.detector import Detector
+
+    config = Config(backbones=[BackboneConfig("logmel")])
+    config = replace(config, scoring=replace(config.scoring, index="hnsw", reference_max_windows=40))
+    detector = Detector.from_config(config)
+    (name,) = detector.model_ids
+    rng = np.random.default_rng(3)
+    n = 120
+    items = [BankItem(source=f"clip{i}.wav", offset_s=0.0, condition="default", enrolled_at="2026-01-01T00:00:00+00:00")
+             for i in range(n)]
+    dim = detector.backbones[0].meta.embedding_dim
+    bank = Bank().add(items, {name: rng.normal(size=(n, dim)).astype(np.float32)}, detector.model_ids)
+    detector.fit(bank)
+    backbone = detector.backbones[0].name
+    assert detector._knn[backbone].index_types == {"default": "hnsw"}
+    reference = detector.reference(backbone)
+    assert np.isfinite(reference).sum() == 40  # only the sample's rows are computed

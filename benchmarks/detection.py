@@ -1,0 +1,167 @@
+"""Detection quality: every benchmark set x every backbone available here x every fusion rule.
+
+For each set in ``../shared/data/bench`` (read by path, skipped when absent) this runs
+``monitor.evaluate.evaluate_machine`` (what ``asd-monitor evaluate`` runs: enroll the train
+split's normal clips, the domain as the operating condition; score every test clip, clip
+score = max over its windows) once per backbone and metric, then fuses the clip scores of every
+pair of backbones by rank with each rule and weighting (the fusion needs no new embedding, so it
+is computed from the same clip scores) and reports the official DCASE figures: AUC source, AUC
+target, pAUC and their harmonic mean.
+
+Backbones here: the two built-in ONNX models, ``aisfx`` (a CNN pre-trained on sound-effect
+libraries) and ``logmel`` (log-mel mean and std, no learning), each with the Mahalanobis
+distance (the default) and the cosine one. The transformer backbones of the method (BEATs,
+EAT, M2D, Dasheng, MuQ) are exported by ``asd-export`` from their official checkpoints, which
+cannot be downloaded on these machines: with random weights their scores would measure
+nothing, so they are not in this table. Run it with your own exports::
+
+    .venv/bin/python benchmarks/detection.py                       # built-ins, about 4 min here
+    .venv/bin/python benchmarks/detection.py --backbone eat=/path/eat.onnx --backbone m2d=/path/m2d.onnx
+
+Results: ``benchmarks/results/detection.json`` and ``detection.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, SHARED_DATA, LoadMonitor, table, write_json
+
+from monitor.config import BackboneConfig, Config  # noqa: E402  (common puts the repository on sys.path)
+from monitor.dataset import scan_dataset  # noqa: E402
+from monitor.detector import Detector  # noqa: E402
+from monitor.evaluate import evaluate_machine  # noqa: E402
+from monitor.fusion import fuse, self_rank  # noqa: E402
+from monitor.metrics import Figures, machine_figures, official_score  # noqa: E402
+
+SETS = ("uav-noisy", "fan-noisy")
+METRICS = ("mahalanobis", "cosine")
+RULES = ("mean", "max")
+WEIGHTS = ((1.0, 1.0), (2.0, 1.0), (1.0, 2.0))
+
+
+@dataclass
+class System:
+    """Clip scores of one system on one machine, with the test clips' labels."""
+
+    name: str
+    scores: np.ndarray
+    figures: Figures
+
+
+def single_systems(model: str, machine: str, clips) -> tuple[list[System], list[str], list[bool]]:
+    """One evaluate run per metric of ``model`` on one machine's clips."""
+    out = []
+    domains = labels = None
+    for metric in METRICS:
+        detector = Detector.from_config(Config(backbones=[BackboneConfig(model, metric=metric)]))
+        result = evaluate_machine(detector, machine, clips, lambda _n: None)
+        (name,) = result.raw
+        test = result.clips
+        domains, labels = [c.domain for c in test], [c.is_anomaly for c in test]
+        label = f"{Path(model).stem if model.endswith('.onnx') else model} {metric}"
+        out.append(System(label, result.raw[name], result.figures[name]))
+    return out, domains, labels
+
+
+def fused_systems(singles: list[System], domains: list[str], labels: list[bool]) -> list[System]:
+    """Rank fusion of every pair of single systems from different backbones."""
+    out = []
+    for a, b in itertools.combinations(singles, 2):
+        if a.name.split()[0] == b.name.split()[0]:
+            continue
+        ranks = {a.name: self_rank(a.scores), b.name: self_rank(b.scores)}
+        for rule, (wa, wb) in itertools.product(RULES, WEIGHTS):
+            fused = fuse(ranks, {a.name: wa, b.name: wb}, rule)
+            name = f"{a.name} + {b.name}, {rule} {wa:g}:{wb:g}"
+            out.append(System(name, fused, machine_figures(domains, labels, fused)))
+    return out
+
+
+def evaluate_set(root: Path, models: list[str]) -> dict[str, dict]:
+    """Per system: the official figures of every machine and the set's overall score."""
+    per_system: dict[str, dict] = {}
+    for machine, clips in scan_dataset(root).items():
+        singles: list[System] = []
+        for model in models:
+            systems, domains, labels = single_systems(model, machine, clips)
+            singles += systems
+        for system in singles + fused_systems(singles, domains, labels):
+            entry = per_system.setdefault(system.name, {"machines": {}, "figures": []})
+            entry["machines"][machine] = system.figures.to_dict()
+            entry["figures"].append(system.figures)
+    for entry in per_system.values():
+        entry["official"] = official_score(entry.pop("figures"))
+    return per_system
+
+
+def plot(results: dict[str, dict[str, dict]], path: Path, top: int = 12) -> None:
+    """Horizontal bars of the official score: the single systems and the best fusions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(results)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 0.32 * top + 1.8), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        systems = results[name]
+        singles = [s for s in systems if "+" not in s]
+        fused = sorted((s for s in systems if "+" in s), key=lambda s: -systems[s]["official"])[:top - len(singles)]
+        chosen = sorted(singles + fused, key=lambda s: systems[s]["official"])
+        values = [systems[s]["official"] for s in chosen]
+        ax.barh(range(len(chosen)), values, color=["tab:blue" if "+" not in s else "tab:orange" for s in chosen])
+        ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
+        ax.set_xlim(min(values) - 0.05, 1.0)
+        ax.set_title(f"{name}: official score (hmean of AUC src, AUC tgt, pAUC)", fontsize=9)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated names under ../shared/data/bench")
+    parser.add_argument("--backbone", action="append", default=[], metavar="MODEL",
+                        help="a built-in name or an exported .onnx (repeatable; default: aisfx and logmel)")
+    parser.add_argument("--name", default="detection", help="results file: benchmarks/results/NAME.json")
+    args = parser.parse_args()
+    models = args.backbone or ["aisfx", "logmel"]
+    results: dict[str, dict[str, dict]] = {}
+    seconds: dict[str, float] = {}
+    with LoadMonitor() as load:
+        for name in [s for s in args.sets.split(",") if s]:
+            root = SHARED_DATA / "bench" / name
+            if not root.is_dir():
+                print(f"skipping {name}: {root} not found", file=sys.stderr)
+                continue
+            began = time.perf_counter()
+            results[name] = evaluate_set(root, models)
+            seconds[name] = round(time.perf_counter() - began, 1)
+            print(f"{name}: {len(results[name])} systems in {seconds[name]} s", flush=True)
+    if not results:
+        print("no benchmark set found: nothing measured", file=sys.stderr)
+        return 1
+    for name, systems in results.items():
+        rows = [[system, machine, f["auc_source"], f["auc_target"], f["pauc"], entry["official"]]
+                for system, entry in sorted(systems.items(), key=lambda kv: -kv[1]["official"])
+                for machine, f in entry["machines"].items()]
+        table(["system", "machine", "AUC src", "AUC tgt", "pAUC", "official (set)"], rows,
+              title=f"{name} (sorted by the set's official score)")
+    write_json(args.name, {"backbones": models, "metrics": list(METRICS), "rules": list(RULES),
+                           "weights": [list(w) for w in WEIGHTS], "seconds": seconds, "sets": results}, load)
+    plot(results, RESULTS / f"{args.name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
