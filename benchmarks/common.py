@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests.broker import SBIN_PATH, Broker, free_port  # noqa: E402  (needs the repository on sys.path)
 
 
 def loadavg() -> list[float]:
@@ -183,74 +186,12 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Mosquitto:
-    """A private mosquitto on a free 127.0.0.1 port (as tests/conftest.py starts it): own
-    config, no persistence, stopped by its PID. ``None`` from :meth:`start_or_none` when
-    mosquitto is not installed (apt-get install mosquitto mosquitto-clients)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @classmethod
-    def start_or_none(cls, directory: Path) -> Mosquitto | None:
-        import shutil
-
-        path = shutil.which("mosquitto", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-        if path is None:
-            return None
-        broker = cls(directory)
-        broker.start(path)
-        return broker
-
-    def start(self, binary: str, timeout: float = 10.0) -> None:
-        import socket
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = self.directory / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
-                 f"log_dest file {self.directory / 'mosquitto.log'}"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        config.write_text("\n".join(lines) + "\n")
-        self.process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto on port {self.port} exited with {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto on port {self.port} not ready within {timeout} s")
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds the broker has used so far (from /proc)."""
-        if self.process is None:
-            return None
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.process = None
+def start_mosquitto(directory: Path) -> Broker | None:
+    """A private mosquitto on a free 127.0.0.1 port, the one the tests use (tests/broker.py);
+    None when mosquitto is not installed (apt-get install mosquitto mosquitto-clients)."""
+    if shutil.which("mosquitto", path=SBIN_PATH) is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    broker = Broker(directory, free_port())
+    broker.start()
+    return broker

@@ -76,7 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, LoadMonitor, Mosquitto, loadavg, percentile, rss_mb, table, write_json
+from common import ROOT, Broker, LoadMonitor, loadavg, percentile, rss_mb, start_mosquitto, table, write_json
 
 RATE = 16000
 BANK_WINDOWS = 30
@@ -270,7 +270,7 @@ def iso_to_epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Mosquitto | None,
+def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Broker | None,
             queue: int = 0, ort_threads: int = 0, compute_threads: int = 1) -> dict:
     audio = write_multichannel(work / f"audio-{n}ch-{seconds}s", n, seconds)
     out = work / f"result-{n}-{hop}-{queue}.json"
@@ -427,7 +427,7 @@ def main() -> int:
     broker = None
     try:
         with LoadMonitor() as load:
-            broker = Mosquitto.start_or_none(work / "mosquitto")
+            broker = start_mosquitto(work / "mosquitto")
             if broker is None:
                 results["not_run"].append("mosquitto not installed: no MQTT publish or subscriber latency")
             if any(x for x in (args.hop10, args.hop5)) or args.default_queue_run or args.as_shipped_run or args.compare_ort_threads:

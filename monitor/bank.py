@@ -54,7 +54,7 @@ _VERSION_RE = re.compile(r'v\d{6}')
 _BACKBONE_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 _TMP_PREFIX = '.tmp-'
 _REQUIRED_ITEM_FIELDS = ('source', 'offset_s', 'condition', 'enrolled_at')
-_ITEM_FIELDS = (*_REQUIRED_ITEM_FIELDS, 'level_dbfs')
+_ITEM_FIELDS = (*_REQUIRED_ITEM_FIELDS, 'level_dbfs', 'sample_rate')
 
 
 class BankError(ValueError):
@@ -75,6 +75,9 @@ class BankItem:
     enrolled_at: str
     # RMS level of the window's audio; the sensor check compares live levels with it.
     level_dbfs: float | None = None
+    # Sample rate the window was recorded at (before resampling to the model's rate): audio
+    # at another rate has another bandwidth, which a model sees as a different sound.
+    sample_rate: int | None = None
 
     def __post_init__(self) -> None:
         for name in ('source', 'condition', 'enrolled_at'):
@@ -87,6 +90,9 @@ class BankItem:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise BankError(f"bank item: {name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
+        rate = self.sample_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+            raise BankError(f"bank item: sample_rate must be a positive integer, got {rate!r}")
 
 
 @dataclass
@@ -121,6 +127,11 @@ class Bank:
     def dims(self) -> dict[str, int]:
         """Embedding dimension per backbone."""
         return {name: arr.shape[1] for name, arr in self.embeddings.items()}
+
+    @property
+    def recorded_rates(self) -> set[int]:
+        """Sample rates the enrolled audio was recorded at (banks from before they were kept: none)."""
+        return {item.sample_rate for item in self.items if item.sample_rate is not None}
 
     @property
     def conditions(self) -> list[str]:
@@ -226,6 +237,24 @@ def _as_embeddings(name: str, arr: np.ndarray) -> np.ndarray:
     if not np.isfinite(values).all():
         raise BankError(f"bank backbone {name!r}: embeddings contain NaN or Inf")
     return values
+
+
+def check_audio_rate(recorded: set[int], rate: int, model_rate: int, what: str) -> None:
+    """Refuse audio whose bandwidth differs from the enrolled audio's.
+
+    Resampling cannot restore a band that was never recorded: 8 kHz audio brought to a 16 kHz
+    model is silent above 4 kHz, and its windows would all look anomalous against a bank
+    enrolled at 16 kHz (or, enrolled into it, teach the bank a sound the machine never makes).
+    What matters is the band the model sees, up to half of min(recording rate, model rate),
+    so 44.1 and 48 kHz audio go together for a 16 kHz model.
+    """
+    band = min(rate, model_rate)
+    enrolled = {min(r, model_rate) for r in recorded}
+    if enrolled and band not in enrolled:
+        rates = ", ".join(f"{r} Hz" for r in sorted(recorded))
+        raise BankError(f"{what}: audio recorded at {rate} Hz holds sound up to {band / 2:g} Hz, but the bank was "
+                        f"enrolled from audio at {rates} (up to {max(enrolled) / 2:g} Hz for this model): record at the "
+                        f"bank's rate, or enroll a new bank at this one (--replace)")
 
 
 class BankStore:

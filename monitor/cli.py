@@ -21,7 +21,7 @@ import numpy as np
 from monitor import __version__
 from monitor.audio import AudioError, load_audio
 from monitor.backbone import BackboneError, builtin_names
-from monitor.bank import BankError, BankStore
+from monitor.bank import BankError, BankStore, check_audio_rate
 from monitor.config import BackboneConfig, Config, ConfigError, load_config
 from monitor.dataset import DatasetError, find_audio
 from monitor.detector import Detector
@@ -96,11 +96,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     detector = Detector.from_config(_config(args))
-    detector.fit(BankStore(args.bank).load())
+    bank = BankStore(args.bank).load()
+    detector.fit(bank)
     threshold = detector.config.alerts.threshold
     rows = []
     for path in find_audio(args.paths):
-        embedded = detector.embed(load_audio(path))
+        audio = load_audio(path)
+        check_audio_rate(bank.recorded_rates, audio.sample_rate, detector.model_rate, str(path))
+        embedded = detector.embed(audio)
         scores = detector.score(embedded.embeddings)
         idle = detector.idle(embedded.embeddings)  # machine stopped: no verdict (site noise enrolled)
         row = {"file": str(path), "windows": len(embedded.starts), "idle_windows": int(idle.sum())}
@@ -261,7 +264,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
         counts = {c: bank.condition_labels().count(c) for c in bank.conditions}
         print(json.dumps({"version": bank.version, "current": store.current(), "created": bank.created,
                           "parent": bank.parent, "note": bank.note, "windows": len(bank),
-                          "conditions": counts, "backbones": {n: {"model_id": bank.model_ids[n], "dim": bank.dims[n]}
+                          "conditions": counts, "recorded_at_hz": sorted(bank.recorded_rates), "backbones": {n: {"model_id": bank.model_ids[n], "dim": bank.dims[n]}
                                                               for n in bank.backbones}}, indent=2))
         return 0
     if action == "rollback":

@@ -33,7 +33,7 @@ from monitor import __version__
 from monitor.alerts import AlertTracker, Transition
 from monitor.audio import Audio
 from monitor.backbone import Backbone, BackboneError
-from monitor.bank import Bank, BankError, BankItem, BankNotFound, BankStore
+from monitor.bank import Bank, BankError, BankItem, BankNotFound, BankStore, check_audio_rate
 from monitor.clips import ClipStore
 from monitor.config import Config, ConfigError, MachineConfig, load_config
 from monitor.control import ControlServer
@@ -197,6 +197,8 @@ class Daemon:
             self._set_state(machine, "idle", "only site noise enrolled")
             return
         detector = Detector(self.backbones, self.config)
+        check_audio_rate(bank.recorded_rates, machine.source.sample_rate, detector.model_rate,
+                         f"{machine.name}: bank {bank.version} for source {machine.source.name}")
         detector.fit(bank)
         references = {
             b.name: RollingReference(detector.reference(b.name), self.config.reference.rolling_size)
@@ -496,7 +498,7 @@ class Daemon:
                 result = "outlier"
             else:
                 item = BankItem(f"live:{machine.name}", start, session.condition,
-                                iso_time(time.time()), level)
+                                iso_time(time.time()), level, machine.source.sample_rate)
                 session.accept(item, {n: e[:1] for n, e in embeddings.items()})
                 result = "accepted"
             done = session.done

@@ -73,6 +73,11 @@ class Detector:
         return self.backbones[0].meta.window_seconds
 
     @property
+    def model_rate(self) -> int:
+        """The highest sample rate a backbone listens at: the band of audio that matters."""
+        return max(b.meta.sample_rate for b in self.backbones)
+
+    @property
     def lead_backbone(self) -> str:
         """The heaviest backbone: it names the nearest condition and judges idle windows."""
         return max(self.weights, key=self.weights.__getitem__)

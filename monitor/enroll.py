@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from monitor.audio import Audio, load_audio
-from monitor.bank import Bank, BankItem, BankNotFound, BankStore
+from monitor.bank import Bank, BankItem, BankNotFound, BankStore, check_audio_rate
 from monitor.detector import Detector, Embedded
 from monitor.mixing import mix_at_snr
 from monitor.sensor import level_dbfs
@@ -36,7 +36,8 @@ def window_levels(audio: Audio, embedded: Embedded, window_seconds: float) -> li
 def items_for(detector: Detector, audio: Audio, embedded: Embedded, source: str, condition: str) -> list[BankItem]:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     levels = window_levels(audio, embedded, detector.window_seconds)
-    return [BankItem(source, start, condition, now, level) for start, level in zip(embedded.starts, levels)]
+    return [BankItem(source, start, condition, now, level, audio.sample_rate)
+            for start, level in zip(embedded.starts, levels)]
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,11 @@ def enroll_files(
         bank = Bank()
     items: list[BankItem] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in detector.model_ids}
+    recorded = bank.recorded_rates
     for recordings in _recordings(paths, mixing):
         for source, audio in recordings:
+            check_audio_rate(recorded, audio.sample_rate, detector.model_rate, source)
+            recorded.add(audio.sample_rate)
             embedded = detector.embed(audio)
             items += items_for(detector, audio, embedded, source, condition)
             for name, emb in embedded.embeddings.items():

@@ -28,7 +28,7 @@ from monitor.mqtt import MqttConfigError, Publisher, discovery_payload
 from monitor.outbox import Outbox
 
 if TYPE_CHECKING:
-    from tests.conftest import Broker
+    from tests.broker import Broker
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = Topics("asd", "plant1", "asd-monitor")

@@ -45,7 +45,7 @@ from monitor.bank import BankStore
 from monitor.config import BackboneConfig, Config
 from monitor.detector import Detector
 from monitor.enroll import enroll_files
-from tests.conftest import Broker, _free_port, _tool
+from tests.broker import Broker, free_port, tool
 from tests.synth import machine_sound, write_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,9 +413,9 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """mosquitto on the host's loopback (see conftest.Broker), for the whole module."""
-    _tool("mosquitto")
-    _tool("mosquitto_sub")
-    server = Broker(tmp_path_factory.mktemp("broker"), _free_port())
+    tool("mosquitto")
+    tool("mosquitto_sub")
+    server = Broker(tmp_path_factory.mktemp("broker"), free_port())
     server.start()
     yield server
     server.stop()
