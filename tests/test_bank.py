@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +411,57 @@ def test_save_revalidates_a_bank_changed_after_construction(tmp_path: Path) -> N
     with pytest.raises(BankError, match='2 embeddings for 1 items'):
         store.save(bank)
     assert store.versions() == [] and store.current() is None
+
+
+_WRITER = """
+import sys
+import numpy as np
+from monitor.bank import Bank, BankItem, BankStore
+
+store = BankStore(sys.argv[1])
+n = 6000  # 12 MB of float32 per version: a save takes long enough to be caught inside
+items = [BankItem(f"clip{i}.wav", 0.0, "default", "2026-01-01T00:00:00+00:00") for i in range(n)]
+bank = Bank().add(items, {"aisfx": np.random.default_rng(int(sys.argv[2])).normal(size=(n, 512)).astype(np.float32)},
+                  {"aisfx": "m"})
+while True:
+    print(store.save(bank), flush=True)
+"""
+
+
+def _wait_for_temporary_folder(versions: Path, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if versions.is_dir() and any(p.name.startswith(".tmp-") for p in versions.iterdir()):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_kill_9_during_saves_never_leaves_a_broken_bank(tmp_path: Path) -> None:
+    """A real SIGKILL of a process saving versions back to back: in 4 rounds the moment a
+    version's temporary folder appears (inside a save), in 4 at fixed times. The bank always
+    loads (verified against its checksums) as the last version reported saved or a later
+    complete one, every listed version loads, and the next save continues after them."""
+    path = tmp_path / "bank"
+    for round_, delay in enumerate((None, 0.7, None, 1.3, None, 1.9, None, 2.5)):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(round_)], stdout=subprocess.PIPE,
+                                  text=True, cwd=Path(__file__).resolve().parents[1])
+        if delay is None:
+            assert _wait_for_temporary_folder(path / "versions"), "no save started"
+        else:
+            time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        saved = writer.communicate(timeout=10)[0].split()
+        store = BankStore(path)
+        if not store.exists():
+            assert not saved  # killed before the first version was complete
+            continue
+        bank = store.load()  # verifies every file
+        assert len(bank) == 6000 and bank.version == store.current()
+        if saved:
+            assert store.current() >= saved[-1]
+        assert all(len(store.load(v)) == 6000 for v in store.versions())
+    store = BankStore(path)
+    before = store.versions()
+    follow = store.save(Bank().add(_items(2), _embeddings(2, 0), MODELS))
+    assert follow > max(before) and store.current() == follow

@@ -178,3 +178,19 @@ def test_stop_frees_the_port() -> None:
         assert "asd_queue_depth" in _scrape(again)
     finally:
         again.stop()
+
+
+def test_the_grafana_dashboard_queries_metrics_the_daemon_serves(telemetry: Telemetry) -> None:
+    """A renamed metric would leave a dashboard panel silently empty: every ``asd_*`` series a
+    panel queries must be in a real scrape, and every panel must have a query."""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "grafana-dashboard.json").read_text())
+    panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
+    assert panels and all(p.get("targets") for p in panels), [p.get("title") for p in panels if not p.get("targets")]
+    queried = {name for p in panels for t in p["targets"] for name in re.findall(r"\basd_[a-z_]+", t.get("expr", ""))}
+    _drive(telemetry)
+    served = {name for name, _labels in _samples(_scrape(telemetry))}
+    assert queried and queried <= served, sorted(queried - served)
