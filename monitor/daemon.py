@@ -375,12 +375,13 @@ class Daemon:
             embedded = detector.embed(Audio(samples, rate, machine.name))
             for name, seconds in detector.last_inference_seconds.items():
                 self.telemetry.observe_inference(name, seconds)
-            if self._enrolling_noise(machine) or detector.idle(embedded.embeddings)[0]:
+            enrolling_noise = self._enrolling_noise(machine)
+            if enrolling_noise or detector.idle(embedded.embeddings)[0]:
                 # The machine is stopped: nothing to judge (and site noise being enrolled
                 # must not raise an alarm against the machine's own bank).
                 self._idle(machine, start, end)
                 self._enroll_window(machine, start, embedded.embeddings, None, report.rms_dbfs,
-                                    None if self._enrolling_noise(machine) else "idle")
+                                    None if enrolling_noise else "idle")
             else:
                 fused = self._score(machine, scoring, embedded.embeddings, samples, rate, start, end)
                 self._enroll_window(machine, start, embedded.embeddings, fused, report.rms_dbfs)

@@ -159,3 +159,23 @@ def test_score_reports_stopped_machine_recordings_as_idle(tmp_path: Path, capsys
     assert rows["faulty.flac"]["idle_windows"] == 0 and rows["faulty.flac"]["anomalous"] is True
     assert main(["score", "--bank", str(bank), "--backbone", "logmel", str(stopped)]) == 0
     assert "idle" in capsys.readouterr().out
+
+
+def test_machine_enrollment_leaves_out_windows_of_a_stopped_machine(tmp_path: Path, running) -> None:
+    """Enrolling the machine while it is in fact stopped: every window sounds like the enrolled
+    site noise, is left out (counted as idle), and the enrollment is refused."""
+    config = daemon_config(tmp_path, _stream(tmp_path / "replay", "ssss"), loop=True)
+    config = replace(config, enrollment=EnrollmentConfig(min_windows=2))
+    store = BankStore(config.daemon.state_dir / "banks" / "motor")
+    detector = Detector.from_config(config)
+    enroll_files(detector, store, clips(tmp_path / "enroll", "nnnnnn", seed=0), "default")
+    noise = [write_clip(tmp_path / "noise" / f"{i}.flac", site_noise(i)) for i in range(6)]
+    enroll_files(detector, store, noise, NOISE_CONDITION)
+    daemon = running(config)
+    assert request(daemon.state_dir / "control.sock", "motor", {"action": "start", "duration_s": 40})["ok"]
+    _wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in _events(daemon)))
+    failed = next(e for e in _events(daemon) if e["kind"] == "enrollment_failed")
+    assert failed["session"]["excluded_idle"] == 4 and failed["session"]["accepted_windows"] == 0
+    assert store.versions() == ["v000001", "v000002"]
+    assert daemon.telemetry.registry.get_sample_value(
+        "asd_enrollment_windows_total", {"machine": "motor", "result": "idle"}) == 4
