@@ -10,6 +10,8 @@ Writes, next to the JSON it reads (each plot only when its JSON exists):
 * ``onnx_batch.png``: aisfx windows/s vs windows per onnxruntime call;
 * ``knn_latency.png``: single-query latency vs bank size per index (random and clustered data);
 * ``knn_recall.png``: recall@1 of the approximate indexes vs bank size;
+* ``supplementary.png``: per idle margin, downtime windows called idle / still flagged, and faulty
+  windows hidden as idle;
 * ``false_alarms.png``: per alert setting, the share of normal and anomalous windows flagged, the
   share of anomalous windows under an open alert, and the false alerts counted.
 """
@@ -195,9 +197,38 @@ def plot_false_alarms(data: dict) -> None:
     save(fig, "false_alarms.png")
 
 
+def plot_supplementary(data: dict) -> None:
+    """Idle rule: per margin, the downtime windows it silences against the fault windows it
+    hides (the trade-off ``scoring.idle_margin`` sets)."""
+    sets = data.get("idle", {})
+    if not sets:
+        return
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.4), squeeze=False)
+    bars = (("machine stopped: windows idle", "stopped_idle", "tab:green"),
+            ("machine stopped: windows flagged anomalous", "stopped_flagged", "tab:red"),
+            ("faulty machine: windows called idle (hidden)", "anomaly_idle", "tab:purple"))
+    for ax, (name, variants) in zip(axes[0], sets.items()):
+        labels = list(variants)
+        for j, (label, field, colour) in enumerate(bars):
+            ax.barh([i + (j - 1) * 0.27 for i in range(len(labels))], [variants[v][field] for v in labels],
+                    height=0.27, color=colour, label=label)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of windows")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+    fig.suptitle(f"Site noise enrolled: idle rule by margin (mean of {data.get('repeats', '?')} splits) — "
+                 + subtitle(data), fontsize=8)
+    save(fig, "supplementary.png")
+
+
 def main() -> int:
     done = 0
-    for name, fn in (("daemon", plot_daemon), ("knn", plot_knn), ("false_alarms", plot_false_alarms)):
+    for name, fn in (("daemon", plot_daemon), ("knn", plot_knn), ("false_alarms", plot_false_alarms),
+                     ("supplementary", plot_supplementary)):
         data = load(name)
         if data is None:
             print(f"no {name}.json in {RESULTS}: skipped")
