@@ -167,6 +167,18 @@ def plot_knn(data: dict) -> None:
     save(fig, "knn_recall.png")
 
 
+def _share_axes(ax, labels: list[str], title: str, legend_below: float, legend_columns: int) -> None:
+    """One labelled bar group per row, top to bottom, on a 0..1 share-of-windows axis."""
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of windows")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -legend_below), ncol=legend_columns)
+
+
 def plot_false_alarms(data: dict) -> None:
     sets = data.get("sets", {})
     if not sets:
@@ -185,14 +197,7 @@ def plot_false_alarms(data: dict) -> None:
             normal = entry["settings"][lbl]["normal"]
             ax.text(1.01, i, f"{normal['raises']} false alerts in {normal['audio_s']:.0f} s", va="center", fontsize=7,
                     transform=ax.get_yaxis_transform())
-        ax.set_yticks(list(y))
-        ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("share of windows")
-        ax.set_title(key, fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+        _share_axes(ax, labels, key, legend_below=0.14, legend_columns=3)
     fig.suptitle("Alert settings on normal and anomalous test audio (real daemon, hop 10 s) — " + subtitle(data), fontsize=8)
     save(fig, "false_alarms.png")
 
@@ -212,14 +217,7 @@ def plot_supplementary(data: dict) -> None:
         for j, (label, field, colour) in enumerate(bars):
             ax.barh([i + (j - 1) * 0.27 for i in range(len(labels))], [variants[v][field] for v in labels],
                     height=0.27, color=colour, label=label)
-        ax.set_yticks(range(len(labels)))
-        ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("share of windows")
-        ax.set_title(name, fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+        _share_axes(ax, labels, name, legend_below=0.2, legend_columns=1)
     fig.suptitle(f"Site noise enrolled: idle rule by margin (mean of {data.get('repeats', '?')} splits) — "
                  + subtitle(data), fontsize=8)
     save(fig, "supplementary.png")
