@@ -2,38 +2,26 @@
 conditions), with and without k-means compaction of large conditions, on ../shared/data/bench
 (source domain = one condition with many clips, target = another with few).
 
-    python benchmarks/conditions.py            # prints a table, writes results/conditions.json
+    .venv/bin/python benchmarks/conditions.py      # prints a table, writes results/conditions.json
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
-from benchmarks.common import SHARED_DATA, LoadMonitor, table, write_json
-from monitor.audio import load_audio
-from monitor.config import Config
-from monitor.dataset import scan_dataset
-from monitor.detector import Detector
-from monitor.knn import KnnScorer
-from monitor.metrics import machine_figures
+from common import SHARED_DATA, LoadMonitor, table, write_json
+from monitor.audio import load_audio  # noqa: E402  (common puts the repository on sys.path)
+from monitor.bank import Bank, BankItem  # noqa: E402
+from monitor.compaction import compact  # noqa: E402
+from monitor.config import Config  # noqa: E402
+from monitor.dataset import scan_dataset  # noqa: E402
+from monitor.detector import Detector  # noqa: E402
+from monitor.knn import KnnScorer  # noqa: E402
+from monitor.metrics import machine_figures  # noqa: E402
 
 SETS = ("uav-noisy", "fan-noisy")
 CENTROIDS = (16, 32, 64)
-
-
-def compact(embeddings: np.ndarray, conditions: np.ndarray, size: int) -> tuple[np.ndarray, list[str]]:
-    """Replace each condition larger than ``size`` by ``size`` k-means centroids."""
-    parts, labels = [], []
-    for condition in np.unique(conditions):
-        block = embeddings[conditions == condition]
-        if len(block) > size:
-            kmeans = faiss.Kmeans(block.shape[1], size, niter=25, seed=0, verbose=False)
-            kmeans.train(np.ascontiguousarray(block, dtype=np.float32))
-            block = kmeans.centroids
-        parts.append(block)
-        labels += [str(condition)] * len(block)
-    return np.concatenate(parts).astype(np.float32), labels
+NOW = "2026-01-01T00:00:00+00:00"
 
 
 def main() -> None:
@@ -53,8 +41,12 @@ def main() -> None:
                 conditions = np.array([c.domain for c in train])
                 domains, labels = [c.domain for c in test], [c.is_anomaly for c in test]
                 variants = {"pooled": (bank, None), "per-condition": (bank, list(conditions))}
+                enrolled = Bank().add([BankItem(c.path.name, 0.0, c.domain, NOW) for c in train], {"aisfx": bank},
+                                      detector.model_ids)
                 for size in CENTROIDS:
-                    variants[f"per-condition, >{size} compacted"] = compact(bank, conditions, size)
+                    compacted = compact(enrolled, size)  # what `asd-monitor bank compact` writes
+                    variants[f"per-condition, >{size} compacted"] = (compacted.embeddings["aisfx"],
+                                                                     compacted.condition_labels())
                 for k in (1, 3):
                     for variant, (emb, conds) in variants.items():
                         scores = KnnScorer(emb, conds, metric="mahalanobis", k=k, shrinkage=0.5).score(queries)

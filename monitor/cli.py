@@ -272,6 +272,16 @@ def cmd_bank(args: argparse.Namespace) -> int:
         store.set_current(target)
         print(f"bank {args.bank}: current version is now {target} (a running daemon switches within seconds)")
         return 0
+    if action == "compact":
+        from monitor.compaction import compact
+
+        bank = store.load()
+        compacted = compact(bank, args.max_windows)
+        version = store.save(compacted, note=f"compacted from {bank.version}: conditions above {args.max_windows} "
+                                             f"windows as k-means centroids")
+        print(f"bank {args.bank}: version {version}, {len(compacted)} windows (was {len(bank)} in {bank.version}); "
+              f"undo with: asd-monitor bank rollback --bank {args.bank} --version {bank.version}")
+        return 0
     if action == "prune":
         removed = store.prune(args.keep)
         print(f"bank {args.bank}: removed {', '.join(removed) if removed else 'nothing'}")
@@ -339,16 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bank", parents=[common], help="list, show, roll back, prune, export or import bank versions")
+    p = sub.add_parser("bank", parents=[common], help="list, show, roll back, compact, prune, export or import bank versions")
     bank_sub = p.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
     for name, text in (("list", "every version, * marks the current one"), ("show", "one version as JSON"),
                        ("rollback", "make an earlier version current (default: the current one's parent)"),
                        ("prune", "delete old versions"), ("export", "write a version as .tar.gz"),
-                       ("import", "add an exported version as the new current one")):
+                       ("import", "add an exported version as the new current one"),
+                       ("compact", "new version with each large condition as k-means centroids (measured to cost "
+                                   "detection quality: for size, see README)")):
         q = bank_sub.add_parser(name, help=text)
         q.add_argument("--bank", type=Path, required=True, help="bank directory")
         if name in ("show", "rollback", "export"):
             q.add_argument("--version", help="version (default: current)" if name != "rollback" else "target version")
+        if name == "compact":
+            q.add_argument("--max-windows", type=_positive_int, required=True,
+                           help="conditions with more windows become this many centroids; smaller ones stay as they are")
         if name == "prune":
             q.add_argument("--keep", type=int, default=5, help="newest versions to keep (default: 5; current always kept)")
         if name in ("export", "import"):
