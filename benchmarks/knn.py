@@ -162,6 +162,19 @@ def index_bytes(index: faiss.Index) -> int:
     return int(faiss.serialize_index(index).size)
 
 
+def approximate_search(index: faiss.Index, batch: np.ndarray, evalq: np.ndarray,
+                       exact: tuple[np.ndarray, np.ndarray], args: argparse.Namespace) -> dict:
+    """An approximate index at its current setting: batch throughput, recall against the
+    exact neighbours, and single-query latency on one thread."""
+    with threads(args.threads):
+        result = {"batch": batch_throughput(lambda q: index.search(q, K), batch)}
+        found_d, found_i = index.search(evalq, K)
+    result.update(accuracy(found_d, found_i, *exact))
+    with threads(1):
+        result["single_t1"] = single_latency(lambda q: index.search(q, 1), evalq, args.cap)
+    return result
+
+
 # --------------------------------------------------------------------------- runs
 
 def bench_size(kind: str, n: int, args: argparse.Namespace) -> dict:
@@ -209,14 +222,7 @@ def bench_size(kind: str, n: int, args: argparse.Namespace) -> dict:
                  "bytes": index_bytes(hnsw), "ef_search": {}}
         for ef in EF_SEARCH:
             hnsw.hnsw.efSearch = ef
-            res: dict = {}
-            with threads(args.threads):
-                res["batch"] = batch_throughput(lambda q: hnsw.search(q, K), queries[:n_batch])
-                fd, fi = hnsw.search(evalq, K)
-            res.update(accuracy(fd, fi, exact_d, exact_i))
-            with threads(1):
-                res["single_t1"] = single_latency(lambda q: hnsw.search(q, 1), evalq, cap)
-            entry["ef_search"][ef] = res
+            entry["ef_search"][ef] = approximate_search(hnsw, queries[:n_batch], evalq, (exact_d, exact_i), args)
         out["hnsw"] = entry
         del hnsw
         gc.collect()
@@ -242,14 +248,7 @@ def bench_size(kind: str, n: int, args: argparse.Namespace) -> dict:
                  "bytes": index_bytes(ivf), "nprobe": {}}
         for nprobe in NPROBE:
             ivf.nprobe = nprobe
-            res = {}
-            with threads(args.threads):
-                res["batch"] = batch_throughput(lambda q: ivf.search(q, K), queries[:n_batch])
-                fd, fi = ivf.search(evalq, K)
-            res.update(accuracy(fd, fi, exact_d, exact_i))
-            with threads(1):
-                res["single_t1"] = single_latency(lambda q: ivf.search(q, 1), evalq, cap)
-            entry["nprobe"][nprobe] = res
+            entry["nprobe"][nprobe] = approximate_search(ivf, queries[:n_batch], evalq, (exact_d, exact_i), args)
         out["ivf"] = entry
         del ivf
     del flat, bank

@@ -94,8 +94,8 @@ def alerts(fused: np.ndarray, idle: np.ndarray, config: AlertConfig) -> tuple[in
 
 def idle_study(detector: Detector, noise: np.ndarray, repeats: int) -> dict:
     name = detector.lead_backbone
-    threshold = detector.config.alerts.threshold
     alert_config = detector.config.alerts
+    threshold = alert_config.threshold
     out: dict = {}
     for set_name in SETS:
         root = SHARED_DATA / "bench" / set_name
@@ -122,12 +122,13 @@ def idle_study(detector: Detector, noise: np.ndarray, repeats: int) -> dict:
                             return np.zeros(len(queries), dtype=bool)
                         return detector.idle_detector.distance_ratio(queries) <= margin
 
-                    stopped = detector.score({name: held_out}).fused > threshold
+                    stopped_fused = detector.score({name: held_out}).fused
+                    stopped = stopped_fused > threshold
                     stopped_idle = idle(held_out)
                     running = detector.score({name: test_emb})
                     running_idle = idle(test_emb)
                     kept = ~running_idle
-                    downtime_alerts, _ = alerts(detector.score({name: held_out}).fused, stopped_idle, alert_config)
+                    downtime_alerts, _ = alerts(stopped_fused, stopped_idle, alert_config)
                     fault_alerts, first = alerts(running.fused[anomalous], running_idle[anomalous], alert_config)
                     figures = machine_figures([d for d, k in zip(domains, kept) if k], anomalous[kept],
                                               running.raw[name][kept])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.checkpoint import CheckpointError, first_line, read_checkpoint
+from export.checkpoint import CheckpointError, read_checkpoint, summarise_load_error
 from export.frontend import PowerMel
 
 SAMPLE_RATE = 44100
@@ -122,6 +122,6 @@ def load_cnn(checkpoint: Path | None = None) -> AisfxCnn:
     try:
         cnn.load_state_dict(cnn_state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the aisfx CNN ({first_line(exc)})") from None
+        raise CheckpointError(f"{path}: weights do not fit the aisfx CNN ({summarise_load_error(exc)})") from None
     return cnn.eval()
 

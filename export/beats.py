@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.checkpoint import CheckpointError, read_checkpoint
+from export.checkpoint import CheckpointError, read_checkpoint, summarise_load_error
 from export.kaldi import FbankOptions, KaldiFbank
 from monitor.metadata import BackboneMetadata
 
@@ -303,17 +303,10 @@ def build_model(cfg: dict[str, Any], state: dict[str, torch.Tensor] | None, sour
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"{source}: weights do not fit the BEATs architecture of its cfg ({_summarise(exc)})") from None
+            raise CheckpointError(f"{source}: weights do not fit the BEATs architecture of its cfg ({summarise_load_error(exc)})") from None
     if hasattr(model, "predictor"):
         del model.predictor
     return model.eval()
-
-
-def _summarise(exc: RuntimeError) -> str:
-    """torch's multi-line load_state_dict error as one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[1:] if len(lines) > 1 else lines)
-    return text if len(text) < 400 else text[:400] + "..."
 
 
 def resolve_layer(requested: int | None, total: int, source: str) -> int:

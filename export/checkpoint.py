@@ -198,6 +198,13 @@ def hugging_face_weight_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: a folder without {' or '.join(HUGGING_FACE_WEIGHTS)}")
 
 
+def summarise_load_error(exc: RuntimeError) -> str:
+    """torch's multi-line ``load_state_dict`` error as one line: its details, not its header."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[1:] if len(lines) > 1 else lines)
+    return text if len(text) < 400 else text[:400] + "..."
+
+
 def load_strict(module: nn.Module, state: dict[str, Any], path: Path, what: str) -> None:
     """``load_state_dict(strict=True)``, with the first missing, unexpected, non-tensor and
     misshapen keys in a one-line error instead of torch's multi-line one."""

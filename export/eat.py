@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.beats import _summarise, resolve_layer
-from export.checkpoint import CheckpointError, hugging_face_weight_file, read_checkpoint
+from export.beats import resolve_layer
+from export.checkpoint import CheckpointError, hugging_face_weight_file, read_checkpoint, summarise_load_error
 from export.kaldi import FbankOptions, KaldiFbank
 from export.vit import Block, PatchEmbed
 from monitor.metadata import BackboneMetadata
@@ -275,7 +275,7 @@ def build_model(arch: dict[str, Any], state: dict[str, torch.Tensor] | None, sou
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"{source}: weights do not fit the EAT architecture ({_summarise(exc)})") from None
+            raise CheckpointError(f"{source}: weights do not fit the EAT architecture ({summarise_load_error(exc)})") from None
     patches = (TARGET_FRAMES // arch["patch"]) * (FBANK.num_mel_bins // arch["patch"])
     if model.modality_encoders["IMAGE"].fixed_positional_encoder.positions.shape[1] < patches:
         raise CheckpointError(f"{source}: the position table is shorter than {patches} patches (10 s)")

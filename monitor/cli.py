@@ -262,10 +262,10 @@ def cmd_bank(args: argparse.Namespace) -> int:
     if action == "show":
         bank = store.load(args.version)
         counts = {c: bank.condition_labels().count(c) for c in bank.conditions}
+        backbones = {n: {"model_id": bank.model_ids[n], "dim": bank.dims[n]} for n in bank.backbones}
         print(json.dumps({"version": bank.version, "current": store.current(), "created": bank.created,
-                          "parent": bank.parent, "note": bank.note, "windows": len(bank),
-                          "conditions": counts, "recorded_at_hz": sorted(bank.recorded_rates), "backbones": {n: {"model_id": bank.model_ids[n], "dim": bank.dims[n]}
-                                                              for n in bank.backbones}}, indent=2))
+                          "parent": bank.parent, "note": bank.note, "windows": len(bank), "conditions": counts,
+                          "recorded_at_hz": sorted(bank.recorded_rates), "backbones": backbones}, indent=2))
         return 0
     if action == "rollback":
         target = args.version or _previous_version(store)
@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "site (files or folders, repeatable)")
     p.add_argument("--mixes", type=_positive_int, default=3, help="mixtures per recording with --mix-noise (default: 3)")
     p.add_argument("--snr-db", type=_snr_range, default=(-6.0, 0.0), metavar="LOW:HIGH",
-                   help="machine-to-site-noise ratio of the mixtures in dB, drawn at random in this range (default: -6:0; write --snr-db=-12:-3)")
+                   help="machine-to-site-noise ratio of the mixtures in dB, drawn at random in this range "
+                        "(default: -6:0; write --snr-db=-12:-3)")
     p.add_argument("--replace", action="store_true", help="start a new bank instead of adding to the current version")
     p.add_argument("--note", help="note stored with the new bank version")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="audio files or folders")

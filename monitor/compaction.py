@@ -4,9 +4,9 @@ A machine that runs for months in one condition piles up windows in its sub-bank
 condition has a handful; the per-condition minimum already lets the handful count as much,
 so compaction is about size: memory and the leave-one-out reference, which costs O(n^2).
 It is measured to cost detection quality (``benchmarks/conditions.py``: 0.010-0.042 of the
-official score on uav-noisy at 64-16 centroids per condition, none on fan-noisy), because a centroid is an
-average of normal windows, not a window, and the rare-but-normal ones at the edge of a
-condition are averaged away. So it is an explicit step (``asd-monitor bank compact``) that
+official score on uav-noisy at 64-16 centroids per condition, none on fan-noisy), because a
+centroid is an average of normal windows, not a window, and the rare-but-normal ones at the
+edge of a condition are averaged away. So it is an explicit step (``asd-monitor bank compact``) that
 writes a new version, never the default, and rollback undoes it.
 
 Windows of all backbones are clustered together (each backbone's embedding standardised, then

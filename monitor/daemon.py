@@ -41,8 +41,8 @@ from monitor.detector import Detector
 from monitor.enroll import enrolled_level
 from monitor.enrollment import Command, CommandError, Session, parse_command
 from monitor.events import EventLog
-from monitor.idle import NOISE_CONDITION, noise_rows
 from monitor.fusion import FusionError
+from monitor.idle import NOISE_CONDITION, noise_rows
 from monitor.knn import KnnError
 from monitor.messages import AlertEvent, BackboneScore, ScoreMessage, StateMessage, Topics, iso_time
 from monitor.mqtt import Publisher, discovery_payload
