@@ -3,7 +3,8 @@
 For each set in ``../shared/data/bench`` (read by path, skipped when absent) this runs
 ``monitor.evaluate.evaluate_machine`` (what ``asd-monitor evaluate`` runs: enroll the train
 split's normal clips, the domain as the operating condition; score every test clip, clip
-score = max over its windows) once per backbone and metric, then fuses the clip scores of every
+score = max over its windows) once per backbone and metric (embeddings memoised: each clip is
+embedded once per backbone), then fuses the clip scores of every
 pair of backbones by rank with each rule and weighting (the fusion needs no new embedding, so it
 is computed from the same clip scores) and reports the official DCASE figures: AUC source, AUC
 target, pAUC and their harmonic mean.
@@ -15,7 +16,7 @@ EAT, M2D, Dasheng, MuQ) are exported by ``asd-export`` from their official check
 cannot be downloaded on these machines: with random weights their scores would measure
 nothing, so they are not in this table. Run it with your own exports::
 
-    .venv/bin/python benchmarks/detection.py                       # built-ins, about 4 min here
+    .venv/bin/python benchmarks/detection.py                       # built-ins, a few minutes here
     .venv/bin/python benchmarks/detection.py --backbone eat=/path/eat.onnx --backbone m2d=/path/m2d.onnx
 
 Results: ``benchmarks/results/detection.json`` and ``detection.png``.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, SHARED_DATA, LoadMonitor, table, write_json
+from common import RESULTS, SHARED_DATA, LoadMonitor, memoise_embeddings, table, write_json
 
 from monitor.config import BackboneConfig, Config  # noqa: E402  (common puts the repository on sys.path)
 from monitor.dataset import scan_dataset  # noqa: E402
@@ -136,6 +137,7 @@ def main() -> int:
     parser.add_argument("--name", default="detection", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     models = args.backbone or ["aisfx", "logmel"]
+    memoise_embeddings()
     results: dict[str, dict[str, dict]] = {}
     seconds: dict[str, float] = {}
     with LoadMonitor() as load:

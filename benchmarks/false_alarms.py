@@ -33,7 +33,6 @@ Results: ``benchmarks/results/false_alarms.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED_DATA, LoadMonitor, table, write_json
+from common import SHARED_DATA, LoadMonitor, memo_stats, memoise_embeddings, table, write_json
 
 HOP = 10.0
 DAY = 86400.0
@@ -77,32 +76,6 @@ def poisson_upper(k: int, confidence: float = 0.95) -> float:
         mid = (low + high) / 2
         low, high = (mid, high) if cdf(mid) > alpha else (low, mid)
     return high
-
-
-# ------------------------------------------------------------------------------ memo
-
-_memo: dict[tuple[str, bytes], np.ndarray] = {}
-memo_stats = {"hits": 0, "misses": 0}
-
-
-def memoise_embeddings() -> None:
-    """Backbone.embed memoised by the exact bytes of its input (see the module docstring)."""
-    from monitor.backbone import Backbone
-
-    original = Backbone.embed
-
-    def embed(self, windows: np.ndarray) -> np.ndarray:
-        key = (self.name, hashlib.sha1(np.ascontiguousarray(windows, dtype=np.float32).tobytes()).digest()
-               + str(windows.shape).encode())
-        if key in _memo:
-            memo_stats["hits"] += 1
-            return _memo[key].copy()
-        memo_stats["misses"] += 1
-        out = original(self, windows)
-        _memo[key] = out.copy()
-        return out
-
-    Backbone.embed = embed
 
 
 # ------------------------------------------------------------------------------ data

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitor.backbone import BackboneError
 from monitor.bank import Bank, BankItem, BankStore
 from monitor.cli import main
 from monitor.config import BackboneConfig, Config, EnrollmentConfig
@@ -60,7 +61,7 @@ def test_detector_scores_the_running_machine_only() -> None:
     np.testing.assert_allclose(detector.reference(name), expected, rtol=1e-6)
     assert detector.idle({name: noise[:3]}).all() and not detector.idle({name: running[:3]}).any()
     only_noise = Bank().add(items[30:], {name: noise}, detector.model_ids)
-    with pytest.raises(Exception, match="0 window.s. of the running machine .and 10 of site noise."):
+    with pytest.raises(BackboneError, match="0 window.s. of the running machine .and 10 of site noise."):
         detector.fit(only_noise)
 
 
