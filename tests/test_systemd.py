@@ -344,11 +344,12 @@ def _boot(root: Path, work: Path, binds: list[str]) -> Container:
     while time.monotonic() < deadline + 60:
         try:
             # Right after exec, systemd's private socket is not there yet ("Failed to connect to
-            # bus"): ask again until it answers.
+            # bus", no answer) or systemctl cannot reach the manager yet ("offline", seen on a busy
+            # host): ask again until it answers with a real state.
             state = container.run("systemctl", "is-system-running", "--wait", check=False, timeout=90).stdout.strip()
         except subprocess.TimeoutExpired:
             break
-        if state:
+        if state and state != "offline":
             break
         time.sleep(0.2)
     if state not in ("running", "degraded"):
