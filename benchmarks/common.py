@@ -198,7 +198,7 @@ def memoise_embeddings() -> None:
 
     import numpy as np
 
-    from monitor.backbone import Backbone
+    from monitor.scoring.backbone import Backbone
 
     original = Backbone.embed
 

@@ -1,7 +1,7 @@
 """End-to-end cost of the daemon: latency to MQTT, CPU per stream, memory, and how many machines
 one daemon watches in real time on this machine.
 
-What runs: the real ``monitor.daemon.Daemon`` with the built-in default config (backbone
+What runs: the real ``monitor.service.daemon.Daemon`` with the built-in default config (backbone
 ``aisfx``, Mahalanobis KNN, default alerts), one multi-channel ``file`` source replayed at
 speed 1.0 (real time; one machine per channel, distinct synthetic machine audio per channel from
 ``tests/synth.py``, 16 kHz, written as 10 s WAV files so only 10 s is decoded at a time), every
@@ -26,7 +26,7 @@ Two changes to the daemon's behaviour, both in a subclass here, none in the prod
 Per run (one fresh process per run; peak memory is its VmHWM, not ``ru_maxrss``, which Linux keeps
 across fork and exec and so reports the parent's peak in a child): N machines, hop H,
 S seconds of audio. The daemon limits numpy's BLAS and faiss's OpenMP to one thread per thread
-(``runtime.compute_threads: 1``, see monitor/threads.py; onnxruntime keeps its own pool): with
+(``runtime.compute_threads: 1``, see monitor/service/threads.py; onnxruntime keeps its own pool): with
 the libraries' defaults a machine's bank fit took ~12 s instead of ~0.5 s on this busy machine,
 which made starting 32 machines take minutes (one run measures the daemon with
 ``compute_threads: 0``). A run "keeps up" when no window was dropped and every window was processed
@@ -102,10 +102,10 @@ def write_multichannel(folder: Path, channels: int, seconds: int, seed: int = 10
 
 def enroll_bank(bank_dir: Path, work: Path) -> float:
     """A bank of ``BANK_WINDOWS`` 10 s windows of the synthetic machine; returns seconds taken."""
-    from monitor.bank import BankStore
+    from monitor.bank.store import BankStore
     from monitor.config import Config
-    from monitor.detector import Detector
-    from monitor.enroll import enroll_files
+    from monitor.scoring.detector import Detector
+    from monitor.enrollment.files import enroll_files
     from tests.synth import machine_sound, write_clip
 
     began = time.perf_counter()
@@ -133,12 +133,12 @@ def cpu_seconds() -> float:
 def child(args: argparse.Namespace) -> int:
     """Run the daemon once; write a JSON result to ``args.out``."""
     sys.path.insert(0, str(ROOT))
-    import monitor.daemon as daemon_module
+    import monitor.service.daemon as daemon_module
     from monitor.config import (Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, RuntimeConfig,
                                 SourceConfig)
-    from monitor.daemon import Daemon
-    from monitor.detector import Detector
-    from monitor.knn import KnnScorer
+    from monitor.service.daemon import Daemon
+    from monitor.scoring.detector import Detector
+    from monitor.scoring.knn import KnnScorer
 
     n, hop = args.n, args.hop
     state = Path(args.state)
@@ -165,7 +165,7 @@ def child(args: argparse.Namespace) -> int:
                 stages[label].append(time.perf_counter() - t)
         return wrapper
 
-    from monitor.backbone import Backbone
+    from monitor.scoring.backbone import Backbone
     Detector.embed = timed("embed (resample + onnxruntime)", Detector.embed)
     Backbone.embed = timed("onnxruntime run", Backbone.embed)
     KnnScorer.score_with_conditions = timed("knn score", KnnScorer.score_with_conditions)
@@ -327,8 +327,8 @@ def onnx_study(rounds: int) -> dict:
     import onnxruntime as ort
 
     sys.path.insert(0, str(ROOT))
-    from monitor.audio import resample
-    from monitor.backbone import ASSETS
+    from monitor.audio.files import resample
+    from monitor.scoring.backbone import ASSETS
     from tests.synth import machine_sound
 
     path = str(ASSETS / "aisfx.onnx")

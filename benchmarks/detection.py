@@ -1,7 +1,7 @@
 """Detection quality: every benchmark set x every backbone available here x every fusion rule.
 
 For each set in ``../shared/data/bench`` (read by path, skipped when absent) this runs
-``monitor.evaluate.evaluate_machine`` (what ``asd-monitor evaluate`` runs: enroll the train
+``monitor.offline.evaluate.evaluate_machine`` (what ``asd-monitor evaluate`` runs: enroll the train
 split's normal clips, the domain as the operating condition; score every test clip, clip
 score = max over its windows) once per backbone and metric (embeddings memoised: each clip is
 embedded once per backbone), then fuses the clip scores of every
@@ -36,11 +36,11 @@ import numpy as np
 from common import RESULTS, SHARED_DATA, LoadMonitor, memoise_embeddings, table, write_json
 
 from monitor.config import BackboneConfig, Config  # noqa: E402  (common puts the repository on sys.path)
-from monitor.dataset import scan_dataset  # noqa: E402
-from monitor.detector import Detector  # noqa: E402
-from monitor.evaluate import evaluate_machine  # noqa: E402
-from monitor.fusion import fuse, self_rank  # noqa: E402
-from monitor.metrics import Figures, machine_figures, official_score  # noqa: E402
+from monitor.offline.dataset import scan_dataset  # noqa: E402
+from monitor.scoring.detector import Detector  # noqa: E402
+from monitor.offline.evaluate import evaluate_machine  # noqa: E402
+from monitor.scoring.ranking import fuse, self_rank  # noqa: E402
+from monitor.offline.dcase import Figures, machine_figures, official_score  # noqa: E402
 
 SETS = ("uav-noisy", "fan-noisy")
 METRICS = ("mahalanobis", "cosine")

@@ -50,7 +50,7 @@ def measure(name: str, rounds: int) -> dict:
     import onnxruntime as ort
     import torch
 
-    from monitor.audio import resample
+    from monitor.audio.files import resample
     from tests.synth import RATE, machine_sound
 
     with tempfile.TemporaryDirectory(prefix=f"asd-engines-{name}-") as tmp:

@@ -3,12 +3,12 @@
 For each machine of the benchmark sets in ``../shared/data/bench`` (``uav-noisy``, ``fan-noisy``;
 read by path, skipped when absent):
 
-1. enroll the train split's normal clips into a bank with ``monitor.enroll.enroll_files``, the
+1. enroll the train split's normal clips into a bank with ``monitor.enrollment.files.enroll_files``, the
    domain as the operating condition (as ``asd-monitor evaluate`` does). Clips shorter than the
    daemon's 10 s window (fan-noisy: 5 s) are first joined, per domain, into one recording, so the
    bank holds 10 s windows like the ones the daemon will score (the stream below joins them too);
 2. replay the NORMAL test clips, back to back, as one stream through the real daemon
-   (``monitor.daemon.Daemon``: file source at speed 1000, hop 10 s, sensor checks, KNN, rolling
+   (``monitor.service.daemon.Daemon``: file source at speed 1000, hop 10 s, sensor checks, KNN, rolling
    rank reference, alert state machine, events log; MQTT and metrics endpoint off) and count
    the alerts raised -> alerts per day of normal audio;
 3. replay the ANOMALOUS test clips the same way (a fresh daemon, same bank): share of anomalous
@@ -93,7 +93,7 @@ class MachineData:
 def machines_of(root: Path) -> list[MachineData]:
     import soundfile as sf
 
-    from monitor.dataset import scan_dataset
+    from monitor.offline.dataset import scan_dataset
 
     out = []
     for machine, clips in scan_dataset(root).items():
@@ -115,11 +115,11 @@ def enroll(data: MachineData, bank_dir: Path, work: Path) -> dict:
     """Enroll the train normals per domain; short clips are joined into one recording first."""
     import soundfile as sf
 
-    from monitor.audio import load_audio
-    from monitor.bank import BankStore
+    from monitor.audio.files import load_audio
+    from monitor.bank.store import BankStore
     from monitor.config import Config
-    from monitor.detector import Detector
-    from monitor.enroll import enroll_files
+    from monitor.scoring.detector import Detector
+    from monitor.enrollment.files import enroll_files
 
     detector = Detector.from_config(Config())
     store = BankStore(bank_dir)
@@ -143,7 +143,7 @@ def enroll(data: MachineData, bank_dir: Path, work: Path) -> dict:
 def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine: str) -> dict:
     """One real daemon run over ``paths``; per-window scores and the alerts it raised."""
     from monitor.config import AlertConfig, Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, SourceConfig
-    from monitor.daemon import Daemon
+    from monitor.service.daemon import Daemon
 
     shutil.rmtree(state, ignore_errors=True)
     config = Config(

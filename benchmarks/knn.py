@@ -17,7 +17,7 @@ and for each index:
   relative error of the nearest distance (what a KNN anomaly score is made of);
 * build time and index memory.
 
-Then ``monitor.knn.KnnScorer`` itself (Mahalanobis, the default metric) with ``index`` flat vs
+Then ``monitor.scoring.knn.KnnScorer`` itself (Mahalanobis, the default metric) with ``index`` flat vs
 hnsw: construction, the exact leave-one-out reference, and one score.
 
     .venv/bin/python benchmarks/knn.py                 # about 12 min here (19 min with --hnsw-max-clustered 1e6)
@@ -258,7 +258,7 @@ def bench_size(kind: str, n: int, args: argparse.Namespace) -> dict:
 
 def bench_scorer(n: int, args: argparse.Namespace) -> dict:
     """KnnScorer (mahalanobis, one condition) with index flat vs hnsw: build, LOO, one score."""
-    from monitor.knn import KnnScorer
+    from monitor.scoring.knn import KnnScorer
 
     bank, queries = make_data("clustered", n, 50, seed=99 + n)
     out: dict = {"n": n, "metric": "mahalanobis"}
@@ -350,7 +350,7 @@ def main() -> int:
               [[s["n"], ix, s[ix]["build_s"], s[ix]["score_single_t1"]["median_ms"], s[ix].get("leave_one_out_s"),
                 s[ix].get("loo_identical_to_flat"), s[ix].get("score_rel_err_mean"), s[ix].get("score_rel_err_max"),
                 s[ix].get("score_share_err_over_1pct")] for s in scorer for ix in ("flat", "hnsw")],
-              title="monitor.knn.KnnScorer, mahalanobis, clustered data, one condition")
+              title="monitor.scoring.knn.KnnScorer, mahalanobis, clustered data, one condition")
     print(f"total {total:.0f} s; load (1 min) min/mean/max {load.summary()['min_1m']}/{load.summary()['mean_1m']}/{load.summary()['max_1m']}")
     write_json("knn", {"dim": D, "k": K, "threads": args.threads, "total_s": round(total, 1),
                        "notes": "single-query latency: median over time-capped runs; batch: one call with all threads; "

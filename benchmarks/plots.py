@@ -127,7 +127,7 @@ def plot_knn(data: dict) -> None:
         ax.plot(n, [r["flat"][f"single_t{data['threads']}"]["median_ms"] for r in rs], "o:",
                 label=f"faiss flat, {data['threads']} threads")
         ax.plot(n, [r["numpy"]["single_t1"]["median_ms"] for r in rs], "^-", label="numpy matmul, 1 thread")
-        for ef in ("256",):  # the ef_search monitor.knn uses
+        for ef in ("256",):  # the ef_search monitor.scoring.knn uses
             pts = [(r["n"], r["hnsw"]["ef_search"][ef]["single_t1"]["median_ms"]) for r in rs
                    if "ef_search" in r["hnsw"]]
             if pts:

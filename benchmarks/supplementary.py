@@ -10,7 +10,7 @@ real recordings whose role is plain:
   monitored machine stopped. They are split at random into an enrolled half and a held-out
   half (``--repeats`` splits).
 
-1. Idle detection (``monitor/idle.py``), per bench set: the machine's bank (train normals)
+1. Idle detection (``monitor/scoring/idle.py``), per bench set: the machine's bank (train normals)
    with and without the enrolled site noise. Scored: held-out noise windows (the machine
    stopped), and the machine's normal and anomalous test clips. Reported: the share of each
    flagged anomalous at the default threshold (fused rank > 0.99 against the bank's own
@@ -45,16 +45,16 @@ import numpy as np
 
 from common import SHARED_DATA, LoadMonitor, table, write_json
 
-from monitor.alerts import AlertTracker  # noqa: E402  (common puts the repository on sys.path)
-from monitor.audio import Audio, load_audio  # noqa: E402
-from monitor.bank import Bank, BankItem  # noqa: E402
+from monitor.service.alerts import AlertTracker  # noqa: E402  (common puts the repository on sys.path)
+from monitor.audio.files import Audio, load_audio  # noqa: E402
+from monitor.bank.store import Bank, BankItem  # noqa: E402
 from monitor.config import AlertConfig, Config  # noqa: E402
-from monitor.dataset import scan_dataset  # noqa: E402
-from monitor.detector import Detector  # noqa: E402
-from monitor.evaluate import build_bank  # noqa: E402
-from monitor.idle import NOISE_CONDITION  # noqa: E402
-from monitor.metrics import machine_figures, official_score  # noqa: E402
-from monitor.mixing import mix_at_snr  # noqa: E402
+from monitor.offline.dataset import scan_dataset  # noqa: E402
+from monitor.scoring.detector import Detector  # noqa: E402
+from monitor.offline.evaluate import build_bank  # noqa: E402
+from monitor.scoring.idle import NOISE_CONDITION  # noqa: E402
+from monitor.offline.dcase import machine_figures, official_score  # noqa: E402
+from monitor.audio.mixing import mix_at_snr  # noqa: E402
 
 SETS = ("uav-noisy", "fan-noisy")
 SNR_DB = (-6.0, 0.0)

@@ -29,7 +29,7 @@ from torch import nn
 
 from export.checkpoint import CheckpointError, read_checkpoint, summarise_load_error
 from export.kaldi import FbankOptions, KaldiFbank
-from monitor.metadata import BackboneMetadata
+from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
 

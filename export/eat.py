@@ -41,7 +41,7 @@ from export.beats import resolve_layer
 from export.checkpoint import CheckpointError, hugging_face_weight_file, read_checkpoint, summarise_load_error
 from export.kaldi import FbankOptions, KaldiFbank
 from export.vit import Block, PatchEmbed
-from monitor.metadata import BackboneMetadata
+from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from torch import nn
 from export.checkpoint import CheckpointError, load_strict, randomise_norms, read_checkpoint
 from export.frontend import ReflectPowerMel, slaney_mel_filterbank
 from export.vit import Block, PatchEmbed
-from monitor.metadata import BackboneMetadata
+from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from torch import nn
 from export.checkpoint import (CheckpointError, first_line, hugging_face_weight_file, load_strict, randomise_norms,
                                read_checkpoint)
 from export.frontend import ReflectPowerMel
-from monitor.metadata import BackboneMetadata
+from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
 

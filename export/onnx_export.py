@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from monitor.metadata import BackboneMetadata
+from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from export import aisfx, beats, dasheng, eat, logmel, m2d, muq
-from monitor.metadata import BackboneMetadata
+from monitor.scoring.metadata import BackboneMetadata
 
 WINDOW_SECONDS = 10.0
 

@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from monitor import __version__
-from monitor.audio import AudioError, load_audio
-from monitor.backbone import BackboneError, builtin_names
-from monitor.bank import BankError, BankStore, check_audio_rate
+from monitor.audio.files import AudioError, load_audio
+from monitor.scoring.backbone import BackboneError, builtin_names
+from monitor.bank.store import BankError, BankStore, check_audio_rate
 from monitor.config import BackboneConfig, Config, ConfigError, load_config
-from monitor.dataset import DatasetError, find_audio
-from monitor.detector import Detector
-from monitor.fusion import FusionError
-from monitor.idle import NOISE_CONDITION
-from monitor.knn import KnnError
-from monitor.metadata import ModelMetadataError
-from monitor.mqtt import MqttConfigError
-from monitor.outbox import OutboxError
-from monitor.telemetry import TelemetryError
+from monitor.offline.dataset import DatasetError, find_audio
+from monitor.scoring.detector import Detector
+from monitor.scoring.ranking import FusionError
+from monitor.scoring.idle import NOISE_CONDITION
+from monitor.scoring.knn import KnnError
+from monitor.scoring.metadata import ModelMetadataError
+from monitor.outputs.mqtt import MqttConfigError
+from monitor.outputs.outbox import OutboxError
+from monitor.outputs.telemetry import TelemetryError
 
 log = logging.getLogger("asd-monitor")
 
@@ -79,7 +79,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from monitor.enroll import NoiseMixing, enroll_files
+    from monitor.enrollment.files import NoiseMixing, enroll_files
 
     if args.mix_noise and args.noise:
         raise UsageError("--mix-noise mixes machine recordings with site noise; it cannot go with --noise")
@@ -123,7 +123,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"threshold": threshold, "bank": str(args.bank), "results": rows}, indent=2))
         return 0
-    from monitor.report import format_table
+    from monitor.offline.report import format_table
 
     names = list(detector.model_ids)
     table = [{"file": Path(r["file"]).name, **{f"{n} score": r["backbones"].get(n, {}).get("score", "") for n in names},
@@ -137,8 +137,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from monitor.evaluate import print_table, run_evaluation
-    from monitor.report import to_json
+    from monitor.offline.evaluate import print_table, run_evaluation
+    from monitor.offline.report import to_json
 
     detector = Detector.from_config(_config(args))
     results, summary = run_evaluation(detector, args.dataset, args.out, _progress_factory("evaluate"))
@@ -163,7 +163,7 @@ def _required_config(args: argparse.Namespace, command: str) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monitor.daemon import Daemon
+    from monitor.service.daemon import Daemon
 
     faulthandler.enable()  # a watchdog SIGABRT then shows every thread's stack in the journal
     config = _required_config(args, "run")
@@ -193,7 +193,7 @@ def run_daemon(daemon) -> int:
 
 def cmd_enroll_live(args: argparse.Namespace) -> int:
     """Start, stop, cancel or query a live enrollment in the running daemon."""
-    from monitor.control import request
+    from monitor.service.control import request
 
     config = _required_config(args, "enroll-live")
     fields = {"action": args.action}
@@ -222,16 +222,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from monitor import demo
-    from monitor.daemon import Daemon
+    from monitor.service.daemon import Daemon
 
     logging.getLogger("asd.windows").setLevel(logging.INFO)
-    logging.getLogger("monitor.daemon").setLevel(logging.INFO)  # shows the metrics URL and MQTT state
+    logging.getLogger("monitor.service.daemon").setLevel(logging.INFO)  # shows the metrics URL and MQTT state
     with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
         state = args.state_dir or Path(tmp)
         config = demo.demo_config(state, args.speed, _config(args))
         detector = Detector.from_config(config)
         print(f"== enrolling {len(demo.enroll_clips())} recordings of a healthy fan (MIMII, CC BY-SA 4.0)")
-        from monitor.enroll import enroll_files
+        from monitor.enrollment.files import enroll_files
 
         enrolled = enroll_files(detector, BankStore(demo.bank_dir(state)), demo.enroll_clips(), "default", replace=True)
         print(f"   bank {demo.bank_dir(state)}: {len(enrolled.bank)} windows")
@@ -273,7 +273,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
         print(f"bank {args.bank}: current version is now {target} (a running daemon switches within seconds)")
         return 0
     if action == "compact":
-        from monitor.compaction import compact
+        from monitor.bank.compaction import compact
 
         bank = store.load()
         compacted = compact(bank, args.max_windows)

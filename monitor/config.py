@@ -53,13 +53,13 @@ class ScoringConfig:
     metric: Metric = "mahalanobis"
     k: int = field(default=1, metadata=_range(1))
     shrinkage: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
-    # Per condition sub-bank: exact below 100 000 embeddings, HNSW above (monitor/knn.py).
+    # Per condition sub-bank: exact below 100 000 embeddings, HNSW above (monitor/scoring/knn.py).
     index: Literal["auto", "flat", "hnsw"] = "auto"
     # The leave-one-out reference costs O(n^2): above this many bank windows it is computed
     # exactly for an evenly spread sample of this many (measured: 1e4 windows take 20-30 s).
     reference_max_windows: int = field(default=5000, metadata=_range(2))
     # With site noise enrolled: a window is idle (machine stopped) when its distance to the
-    # noise is at most this share of its distance to the running machine (monitor/idle.py).
+    # noise is at most this share of its distance to the running machine (monitor/scoring/idle.py).
     idle_margin: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
 
 
@@ -195,7 +195,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class EnrollmentConfig:
-    """Live enrollment from the daemon's own audio (see monitor/enrollment.py)."""
+    """Live enrollment from the daemon's own audio (see monitor/enrollment/live.py)."""
 
     min_windows: int = field(default=6, metadata=_range(2))  # refuse to save fewer clean windows
     outlier_rank: float = field(default=0.99, metadata=_range(0.0, 1.0, exclusive_min=True))
@@ -231,7 +231,7 @@ class RuntimeConfig:
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = field(default=0, metadata=_range(0))
     # numpy BLAS and faiss OpenMP threads in every daemon thread (0 = the libraries' default);
-    # one is measured fastest for one window at a time (see monitor/threads.py).
+    # one is measured fastest for one window at a time (see monitor/service/threads.py).
     compute_threads: int = field(default=1, metadata=_range(0))
 
 

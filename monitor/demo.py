@@ -11,7 +11,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
-from monitor.backbone import ASSETS
+from monitor.scoring.backbone import ASSETS
 from monitor.config import Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, SourceConfig
 
 DEMO_DIR = ASSETS / "demo" / "mimii-fan"

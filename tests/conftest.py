@@ -120,7 +120,7 @@ def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseServ
     server.start()
     os.environ["PULSE_SERVER"] = server.env["PULSE_SERVER"]
     if "sounddevice" in sys.modules:
-        from monitor.sources import _refresh_devices
+        from monitor.audio.sources import _refresh_devices
 
         _refresh_devices()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.backbone import Backbone
+from monitor.scoring.backbone import Backbone
 from tests.synth import machine_sound
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, sys, numpy as np, onnxruntime as ort
 from importlib.metadata import distributions
-from monitor.backbone import Backbone
+from monitor.scoring.backbone import Backbone
 names = sorted(d.metadata["Name"].lower() for d in distributions())
 x = np.load(sys.argv[1])
 backbone = Backbone.load("logmel", "auto")

@@ -1,0 +1,1 @@
+"""Evaluation on labelled data sets: the DCASE layout, the official figures, reports."""

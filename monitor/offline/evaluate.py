@@ -1,0 +1,174 @@
+"""Offline evaluation on a labelled data set in the DCASE development layout.
+
+Per machine: enroll the train split's normal clips (the domain is the operating condition),
+score every test clip with each backbone, fuse the backbones by rank over the test clips (the
+method's transductive rank fusion), and compute the official DCASE figures. Decisions use the
+daemon's own rule: fused rank against the bank's leave-one-out reference above the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from monitor.audio.files import load_audio
+from monitor.bank.store import Bank, BankItem
+from monitor.offline.dataset import Clip, DatasetError, scan_dataset
+from monitor.scoring.detector import Detector, Embedded
+from monitor.scoring.ranking import fuse, self_rank
+from monitor.offline.dcase import Figures, machine_figures, official_score
+from monitor.offline.report import format_table, plot_machines, write_official_csv, write_results_json
+
+log = logging.getLogger(__name__)
+
+FUSED = "fused"
+DEFAULT_CONDITION = "default"
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class MachineResult:
+    machine: str
+    clips: list[Clip]
+    raw: dict[str, np.ndarray]  # per backbone: clip score (max over its windows)
+    fused: np.ndarray  # transductive fused rank per clip
+    decisions: np.ndarray  # bool per clip
+    figures: dict[str, Figures] = field(default_factory=dict)
+
+
+def clip_condition(clip: Clip) -> str:
+    return clip.domain or DEFAULT_CONDITION
+
+
+def _embed_clips(detector: Detector, clips: Sequence[Clip], progress: Progress) -> list[Embedded]:
+    out = []
+    for clip in clips:
+        out.append(detector.embed(load_audio(clip.path)))
+        progress(1)
+    return out
+
+
+def build_bank(detector: Detector, clips: Sequence[Clip], embedded: Sequence[Embedded]) -> Bank:
+    """An in-memory bank of every window of the given clips (condition = the clip's domain)."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    items = [
+        BankItem(str(clip.path), start, clip_condition(clip), now)
+        for clip, emb in zip(clips, embedded)
+        for start in emb.starts
+    ]
+    stacked = {name: np.concatenate([e.embeddings[name] for e in embedded]) for name in detector.model_ids}
+    return Bank().add(items, stacked, detector.model_ids)
+
+
+def evaluate_machine(detector: Detector, machine: str, clips: Sequence[Clip], progress: Progress) -> MachineResult:
+    train = [c for c in clips if c.split == "train" and c.label != "anomaly"]
+    test = [c for c in clips if c.split == "test"]
+    if not train:
+        raise DatasetError(f"machine {machine}: no normal training clips to enroll")
+    if not test:
+        raise DatasetError(f"machine {machine}: no test clips")
+    detector.fit(build_bank(detector, train, _embed_clips(detector, train, progress)))
+    names = list(detector.model_ids)
+    raw = {name: np.empty(len(test)) for name in names}
+    decisions = np.zeros(len(test), dtype=bool)
+    for i, emb in enumerate(_embed_clips(detector, test, progress)):
+        scores = detector.score(emb.embeddings)
+        for name in names:
+            raw[name][i] = scores.raw[name].max()
+        decisions[i] = bool((scores.fused > detector.config.alerts.threshold).any())
+    fused = fuse({n: self_rank(raw[n]) for n in names}, detector.weights, detector.config.fusion.rule)
+    result = MachineResult(machine, list(test), raw, fused, decisions)
+    labelled = [i for i, c in enumerate(test) if c.label is not None]
+    if len({test[i].is_anomaly for i in labelled}) < 2:
+        log.warning("machine %s: test clips need both normal and anomalous labels for figures; none computed", machine)
+    else:
+        domains = [test[i].domain for i in labelled]
+        labels = [test[i].is_anomaly for i in labelled]
+        for system, values in result_systems(result).items():
+            result.figures[system] = machine_figures(domains, labels, values[labelled])
+    return result
+
+
+def result_systems(result: MachineResult) -> dict[str, np.ndarray]:
+    return {**result.raw, FUSED: result.fused}
+
+
+def evaluate(detector: Detector, root: Path, progress_factory: Callable[[int], Progress] | None = None) -> list[MachineResult]:
+    machines = scan_dataset(root)
+    total = sum(len([c for c in clips if c.split == "test" or c.label != "anomaly"]) for clips in machines.values())
+    progress = progress_factory(total) if progress_factory else (lambda n: None)
+    return [evaluate_machine(detector, machine, clips, progress) for machine, clips in machines.items()]
+
+
+def summarise(results: Sequence[MachineResult], detector: Detector, root: Path, seconds: float) -> dict:
+    systems = list(detector.model_ids) + [FUSED]
+    per_machine = {r.machine: {s: r.figures[s].to_dict() for s in systems if s in r.figures} for r in results}
+    overall = {s: official_score(r.figures[s] for r in results if s in r.figures) for s in systems}
+    return {
+        "dataset": str(root),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_seconds": round(seconds, 1),
+        "backbones": {
+            b.name: {"model_id": b.meta.model_id, "path": str(b.path), "provider": b.provider,
+                     "weight": detector.weights[b.name], "metric": detector.metrics[b.name]}
+            for b in detector.backbones
+        },
+        "scoring": {"k": detector.config.scoring.k, "shrinkage": detector.config.scoring.shrinkage},
+        "fusion": {"rule": detector.config.fusion.rule},
+        "decision_threshold": detector.config.alerts.threshold,
+        "machines": per_machine,
+        "systems": overall,
+        "official_score": overall[FUSED],
+    }
+
+
+def table_rows(results: Sequence[MachineResult], summary: dict) -> list[dict]:
+    rows = []
+    for r in results:
+        for system, fig in r.figures.items():
+            rows.append({"machine": r.machine, "system": system, "AUC src": fig.auc_source,
+                         "AUC tgt": fig.auc_target, "pAUC": fig.pauc, "official": fig.official})
+    for system, value in summary["systems"].items():
+        rows.append({"machine": "ALL", "system": system, "AUC src": "", "AUC tgt": "", "pAUC": "", "official": value})
+    return rows
+
+
+def print_table(results: Sequence[MachineResult], summary: dict) -> str:
+    return format_table(table_rows(results, summary), ["machine", "system", "AUC src", "AUC tgt", "pAUC", "official"])
+
+
+def write_outputs(results: Sequence[MachineResult], summary: dict, out_dir: Path) -> None:
+    """Official CSVs (fused in ``out_dir``, each backbone under ``out_dir/<backbone>``),
+    ``results.json`` and ``roc.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        names = [c.path.name for c in r.clips]
+        write_official_csv(out_dir, r.machine, names, r.fused, r.decisions.astype(int))
+        for backbone, scores in r.raw.items():
+            write_official_csv(out_dir / backbone, r.machine, names, scores, r.decisions.astype(int))
+    write_results_json(out_dir, summary)
+    plots = {}
+    for r in results:
+        labelled = np.array([c.label is not None for c in r.clips])
+        if labelled.any():
+            labels = np.array([c.is_anomaly for c in r.clips])[labelled]
+            plots[r.machine] = {s: (labels, v[labelled]) for s, v in result_systems(r).items()}
+    if plots:
+        plot_machines(out_dir / "roc.png", plots)
+
+
+def run_evaluation(detector: Detector, root: Path, out_dir: Path | None,
+                   progress_factory: Callable[[int], Progress] | None = None) -> tuple[list[MachineResult], dict]:
+    started = time.perf_counter()
+    results = evaluate(detector, root, progress_factory)
+    summary = summarise(results, detector, root, time.perf_counter() - started)
+    if out_dir is not None:
+        write_outputs(results, summary, out_dir)
+    return results, summary

@@ -1,0 +1,142 @@
+"""Running an exported backbone with onnxruntime: the daemon's only contact with a model.
+
+A backbone is an ONNX file plus the metadata in ``monitor.scoring.metadata``; nothing here depends on
+which network is inside. Built-in backbones ship as files in ``monitor/assets``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from monitor.audio.files import Audio, fit_windows, resample
+from monitor.scoring.metadata import BackboneMetadata
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+if hasattr(ort, "disable_telemetry_events"):
+    ort.disable_telemetry_events()  # nothing leaves the box unasked (onnxruntime >= 1.17 may upload usage events)
+PROVIDERS = ("auto", "cpu", "cuda")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+class BackboneError(ValueError):
+    """A backbone cannot be found, loaded or run as asked."""
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in ASSETS.glob("*.onnx"))
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A built-in name (``aisfx``) or a path to an ``.onnx`` file -> an existing file."""
+    text = str(spec)
+    if text in builtin_names():
+        return ASSETS / f"{text}.onnx"
+    path = Path(text).expanduser()
+    if path.suffix != ".onnx" and not path.exists():
+        raise BackboneError(
+            f"backbone {text!r}: not a built-in ({', '.join(builtin_names())}) and not an .onnx file"
+        )
+    if not path.is_file():
+        raise BackboneError(f"backbone {text!r}: file {path} does not exist")
+    return path
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # onnxruntime's own warnings are noise in a daemon's journal
+    return options
+
+
+def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSession:
+    """Create a session on the requested provider and report the one really in use.
+
+    ``auto`` tries CUDA when this onnxruntime build offers it and falls back to the CPU:
+    onnxruntime silently drops CUDA when its libraries fail to initialise, so the provider is
+    read back from the session rather than assumed. ``cuda`` fails if CUDA does not come up.
+    """
+    if provider not in PROVIDERS:
+        raise BackboneError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    want_cuda = provider in ("auto", "cuda") and _CUDA in ort.get_available_providers()
+    if provider == "cuda" and not want_cuda:
+        raise BackboneError(f"{path}: provider 'cuda' asked for, but this onnxruntime has no CUDA (install the 'gpu' extra)")
+    chain = [_CUDA, _CPU] if want_cuda else [_CPU]
+    try:
+        session = ort.InferenceSession(str(path), _session_options(threads), providers=chain)
+    except Exception as exc:  # onnxruntime's errors share no base class below Exception
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneError(f"{path}: cannot load ONNX model ({first_line})") from None
+    used = session.get_providers()[0]
+    if provider == "cuda" and used != _CUDA:
+        raise BackboneError(f"{path}: provider 'cuda' asked for, but CUDA did not initialise (running on {used})")
+    return session
+
+
+@dataclass
+class Backbone:
+    """One loaded backbone: ``embed`` takes windows at the backbone's own rate and length."""
+
+    path: Path
+    meta: BackboneMetadata
+    session: ort.InferenceSession
+
+    @classmethod
+    def load(cls, spec: str | Path, provider: str = "auto", threads: int = 0) -> Backbone:
+        path = resolve_model(spec)
+        session = open_session(path, provider, threads)
+        props = session.get_modelmeta().custom_metadata_map
+        meta = BackboneMetadata.from_props(props, str(path))
+        inputs = [i.name for i in session.get_inputs()]
+        if meta.input_name not in inputs:
+            raise BackboneError(f"{path}: metadata names input {meta.input_name!r}, the graph has {inputs}")
+        log.info("backbone %s loaded from %s on %s (model_id %s)", meta.name, path,
+                 session.get_providers()[0], meta.model_id)
+        return cls(path, meta, session)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        """[B, window_samples] float32 at ``meta.sample_rate`` -> [B, embedding_dim] float32.
+
+        A variable-length backbone also takes [B, n] for ``min_samples <= n <= window_samples``.
+        """
+        window, shortest = self.meta.window_samples, self.meta.min_samples
+        length_ok = windows.ndim == 2 and (
+            windows.shape[1] == window or (shortest is not None and shortest <= windows.shape[1] <= window)
+        )
+        if not length_ok:
+            raise BackboneError(
+                f"backbone {self.name}: expected windows of shape [B, {window}], got {list(windows.shape)}"
+            )
+        out = self.session.run([self.meta.output_name], {self.meta.input_name: windows.astype(np.float32, copy=False)})[0]
+        if out.shape != (windows.shape[0], self.meta.embedding_dim):
+            raise BackboneError(f"backbone {self.name}: output shape {list(out.shape)} != [B, {self.meta.embedding_dim}]")
+        return out
+
+    def windows_of(self, audio: Audio, hop_seconds: float | None = None) -> tuple[np.ndarray, list[float]]:
+        """Resample ``audio`` to this backbone's rate and cut it into windows.
+
+        Returns the windows and their start times in seconds; ``hop_seconds`` defaults to the
+        window length (no overlap).
+        """
+        rate = self.meta.sample_rate
+        samples = resample(audio.samples, audio.sample_rate, rate)
+        hop = self.meta.window_samples if hop_seconds is None else max(1, int(round(hop_seconds * rate)))
+        windows, starts = fit_windows(samples, self.meta.window_samples, hop, self.meta.min_samples)
+        return windows, [s / rate for s in starts]
