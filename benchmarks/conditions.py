@@ -11,7 +11,7 @@ import numpy as np
 
 from common import SHARED_DATA, LoadMonitor, table, write_json
 from monitor.audio.files import load_audio  # noqa: E402  (common puts the repository on sys.path)
-from monitor.bank.store import Bank, BankItem  # noqa: E402
+from monitor.bank.model import Bank, BankItem  # noqa: E402
 from monitor.bank.compaction import compact  # noqa: E402
 from monitor.config import Config  # noqa: E402
 from monitor.offline.dataset import scan_dataset  # noqa: E402

@@ -8,20 +8,22 @@ speed 1.0 (real time; one machine per channel, distinct synthetic machine audio 
 machine on a copy-free shared bank of 30 enrolled windows, a real mosquitto on loopback started
 here, and an independent subscriber (``mosquitto_sub``, its own process) on the score topics.
 
-Two changes to the daemon's behaviour, both in a subclass here, none in the product:
+How it is measured, through the daemon's public pieces:
 
 * A replayed file normally *waits* for the models (every window gets scored). To measure when a
-  live microphone would lose windows, the subclass queues file windows the way it queues live
-  ones (``_enqueue``: a full queue drops its oldest window and counts it in
-  ``asd_windows_total{status="dropped"}``).
-* ``process`` is wrapped to record, per window, the time from the window's last sample being
-  available (``QueuedWindow.ready``, the same start point as the histogram
-  ``asd_window_latency_seconds``) to the end of processing, including the MQTT publish call
-  (paho's ``publish`` returns once the message is queued for its network thread). These are the
-  histogram's own observations, kept raw for percentiles (the histogram's sum and count are
-  checked against them). The subscriber gives the second figure: arrival at another MQTT client
-  minus the window's end time from the payload (``end``; millisecond resolution; with 10 ms
-  blocks the file source makes the last block available up to 10 ms before a sound card would).
+  live microphone would lose windows, the file source is marked ``live`` once started, so its
+  windows are queued as a microphone's are (a full queue drops its oldest window and counts it
+  in ``asd_windows_total{status="dropped"}``); ``WindowQueue.put`` is wrapped to record the
+  queue depth at each put.
+* A listener (``Daemon.add_listener``) receives each window's ``WindowReport``: when its last
+  sample was available (``ready``, the same start point as the histogram
+  ``asd_window_latency_seconds``), when the worker took it, when every output was issued
+  (including the MQTT publish call: paho's ``publish`` returns once the message is queued for
+  its network thread), and the seconds of each pipeline stage. These are the histogram's own
+  observations, kept raw for percentiles (the histogram's sum and count are checked against
+  them). The subscriber gives the second figure: arrival at another MQTT client minus the
+  window's end time from the payload (``end``; millisecond resolution; with 10 ms blocks the
+  file source makes the last block available up to 10 ms before a sound card would).
 
 Per run (one fresh process per run; peak memory is its VmHWM, not ``ru_maxrss``, which Linux keeps
 across fork and exec and so reports the parent's peak in a child): N machines, hop H,
@@ -130,15 +132,24 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def stages(records: list) -> dict[str, list[float]]:
+    """Seconds per pipeline stage of each window, as the daemon measured them (sensor checks,
+    embed = resample + onnxruntime, ``embed:<backbone>`` = the onnxruntime call alone, score =
+    KNN + ranks + fusion, outputs = alert state, MQTT, metrics, event log)."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        for stage, seconds in r.stage_seconds.items():
+            out.setdefault(stage, []).append(seconds)
+    return out
+
+
 def child(args: argparse.Namespace) -> int:
     """Run the daemon once; write a JSON result to ``args.out``."""
     sys.path.insert(0, str(ROOT))
-    import monitor.service.daemon as daemon_module
     from monitor.config import (Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, RuntimeConfig,
                                 SourceConfig)
     from monitor.service.daemon import Daemon
-    from monitor.scoring.detector import Detector
-    from monitor.scoring.knn import KnnScorer
+    from monitor.service.windows import WindowQueue
 
     n, hop = args.n, args.hop
     state = Path(args.state)
@@ -152,44 +163,24 @@ def child(args: argparse.Namespace) -> int:
         metrics=MetricsConfig(port=0),
     )
 
-    # ---- stage timers (wall seconds per call, worker thread), around the real functions
-    stages: dict[str, list[float]] = {"embed (resample + onnxruntime)": [], "onnxruntime run": [],
-                                      "knn score": [], "sensor checks": [], "publish score": []}
-
-    def timed(label: str, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                stages[label].append(time.perf_counter() - t)
-        return wrapper
-
-    from monitor.scoring.backbone import Backbone
-    Detector.embed = timed("embed (resample + onnxruntime)", Detector.embed)
-    Backbone.embed = timed("onnxruntime run", Backbone.embed)
-    KnnScorer.score_with_conditions = timed("knn score", KnnScorer.score_with_conditions)
-    daemon_module.check_window = timed("sensor checks", daemon_module.check_window)
-    Daemon._publish_score = timed("publish score", Daemon._publish_score)
-
-    records: list[tuple[str, float, float, float, float]] = []  # machine, window start, ready, began, done
+    # ---- what the daemon reports per window (its listener hook), and the queue depth at each put
+    records: list = []  # WindowReport per processed window
     depth_at_put: list[int] = []
+    put = WindowQueue.put
 
-    class BenchDaemon(Daemon):
-        def _wait_enqueue(self, item):  # a file queued like live audio: drop the oldest when full
-            self._enqueue(item)
-            depth_at_put.append(self.queue.qsize())
+    def counted_put(self, item):
+        put(self, item)
+        depth_at_put.append(self.queue.qsize())
 
-        def process(self, item):
-            began = time.monotonic()
-            try:
-                super().process(item)
-            finally:
-                records.append((item.machine.name, item.window.start_time, item.ready, began, time.monotonic()))
-
-    daemon = BenchDaemon(config)
+    WindowQueue.put = counted_put
+    daemon = Daemon(config)
+    daemon.add_listener(records.append)
     t0, c0 = time.perf_counter(), cpu_seconds()
     daemon.start()
+    # The replay stands in for a live microphone: it must not wait for the models, so a full
+    # queue drops its oldest window (counted in asd_windows_total{status="dropped"}). The
+    # first window needs 10 s of real-time audio, so no window is queued before this.
+    daemon.sources["mc"].live = True
     start_s, start_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     rss_started = rss_mb()
     c1, t1 = cpu_seconds(), time.perf_counter()
@@ -198,7 +189,7 @@ def child(args: argparse.Namespace) -> int:
 
     def sample_queue():
         while not stop.wait(0.05):
-            samples.append((time.monotonic(), daemon.queue.qsize()))
+            samples.append((time.monotonic(), daemon.windows.queue.qsize()))
 
     sampler = threading.Thread(target=sample_queue, daemon=True)
     sampler.start()
@@ -220,12 +211,12 @@ def child(args: argparse.Namespace) -> int:
     hist_sum = sum(metric("asd_window_latency_seconds_sum", {"machine": m}) or 0 for m in names)
     alerts = sum(metric("asd_alerts_total", {"machine": m, "type": "raise"}) or 0 for m in names)
 
-    latencies = [done - ready for _m, _s, ready, _b, done in records]
-    waits = [began - ready for _m, _s, ready, began, _d in records]
+    latencies = [r.done - r.ready for r in records]
+    waits = [r.began - r.ready for r in records]
     # Backlog: windows of one hop still being processed when the next hop's windows arrived.
     bursts: dict[float, list[tuple[float, float]]] = {}
-    for _m, start, ready, _b, done in records:
-        bursts.setdefault(round(start, 3), []).append((ready, done))
+    for r in records:
+        bursts.setdefault(round(r.start, 3), []).append((r.ready, r.done))
     ordered = sorted(bursts.items())
     carried = 0
     for (_s, cur), (_s2, nxt) in zip(ordered, ordered[1:]):
@@ -235,7 +226,7 @@ def child(args: argparse.Namespace) -> int:
     audio_seconds = args.seconds
     expected_per_machine = int((audio_seconds - 10) // hop) + 1
     result = {
-        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": daemon.queue.maxsize, "ort_threads": args.ort_threads,
+        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": daemon.windows.queue.maxsize, "ort_threads": args.ort_threads,
         "compute_threads": args.compute_threads,
         "expected_windows": expected_per_machine * n, "processed": len(records), "ok": ok, "sensor_fault": faults,
         "dropped": dropped, "alerts_raised": alerts, "carried_over": carried,
@@ -255,9 +246,9 @@ def child(args: argparse.Namespace) -> int:
         "fixed_queue_8_would_drop": bool(max(depth_at_put, default=0) >= FIXED_QUEUE),
         "histogram_count": hist_count, "histogram_mean_s": round(hist_sum / hist_count, 3) if hist_count else None,
         "rss_after_start_mb": round(rss_started, 1), "peak_rss_mb": round(peak_rss, 1),
-        "stage_median_ms": {k: round(1e3 * statistics.median(v), 2) for k, v in stages.items() if v},
-        "stage_calls": {k: len(v) for k, v in stages.items()},
-        "per_window_proc_median_s": round(statistics.median([d - b for _m, _s, _r, b, d in records]), 4) if records else None,
+        "stage_median_ms": {k: round(1e3 * statistics.median(v), 2) for k, v in stages(records).items()},
+        "stage_calls": {k: len(v) for k, v in stages(records).items()},
+        "per_window_proc_median_s": round(statistics.median([r.done - r.began for r in records]), 4) if records else None,
         "loadavg_end": loadavg(),
     }
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -38,7 +38,7 @@ def _build(name: str):  # -> (module, metadata)
     import torch
 
     from export import beats, eat
-    from export.registry import metadata
+    from export.contract import metadata
 
     torch.manual_seed(0)
     if name == "beats":

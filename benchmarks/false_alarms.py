@@ -155,14 +155,15 @@ def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine
         metrics=MetricsConfig(enabled=False),
     )
     windows: list[dict] = []
+    daemon = Daemon(config)
 
-    class Recorder(Daemon):
-        def _publish_score(self, message):
-            windows.append({"start": message.start, "status": message.status, "fused_rank": message.fused_rank,
-                            "anomalous": message.anomalous, "alerting": self.machines[0].tracker.alerting})
-            super()._publish_score(message)
+    def record(report) -> None:
+        fused = report.score.fused if report.score is not None else None
+        windows.append({"start": report.start, "status": report.status, "fused_rank": fused,
+                        "anomalous": fused is not None and fused > config.alerts.threshold,
+                        "alerting": daemon.machines[0].tracker.alerting})
 
-    daemon = Recorder(config)
+    daemon.add_listener(record)
     daemon.start()
     try:
         daemon.run()
@@ -171,9 +172,8 @@ def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine
     source_start = daemon.sources["replay"].start_time
     events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
     alerts_out = [e["alert"] for e in events if e["kind"] == "alert"]
-    from datetime import datetime
     for w in windows:
-        w["offset_s"] = round(datetime.fromisoformat(w.pop("start").replace("Z", "+00:00")).timestamp() - source_start, 3)
+        w["offset_s"] = round(w.pop("start") - source_start, 3)
     return {"windows": windows, "alerts": alerts_out}
 
 

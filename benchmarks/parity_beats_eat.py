@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from export import beats, eat  # noqa: E402
 from export.kaldi import FbankOptions, KaldiFbank  # noqa: E402
 from export.onnx_export import export_backbone, relative_error  # noqa: E402
-from export.registry import metadata  # noqa: E402
+from export.contract import metadata  # noqa: E402
 from tests.synth import machine_sound  # noqa: E402
 
 STUBS = {

@@ -47,7 +47,7 @@ from common import SHARED_DATA, LoadMonitor, table, write_json
 
 from monitor.service.alerts import AlertTracker  # noqa: E402  (common puts the repository on sys.path)
 from monitor.audio.files import Audio, load_audio  # noqa: E402
-from monitor.bank.store import Bank, BankItem  # noqa: E402
+from monitor.bank.model import Bank, BankItem  # noqa: E402
 from monitor.config import AlertConfig, Config  # noqa: E402
 from monitor.offline.dataset import scan_dataset  # noqa: E402
 from monitor.scoring.detector import Detector  # noqa: E402
@@ -105,11 +105,10 @@ def idle_study(detector: Detector, noise: np.ndarray, repeats: int) -> dict:
         for machine, clips in scan_dataset(root).items():
             train = [c for c in clips if c.split == "train" and c.label == "normal"]
             test = [c for c in clips if c.split == "test"]
-            train_emb = [detector.embed(load_audio(c.path)) for c in train]
             test_emb = np.stack([embed_audio(detector, load_audio(c.path)) for c in test])
             anomalous = np.array([c.is_anomaly for c in test])
             domains = [c.domain for c in test]
-            bank = build_bank(detector, train, train_emb)
+            bank = build_bank(detector, train)
             rows: dict[str, list[dict]] = {}
             for r in range(repeats):
                 order = np.random.default_rng(r).permutation(len(noise))

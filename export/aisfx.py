@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.checkpoint import CheckpointError, read_checkpoint, summarise_load_error
+from export.checkpoint import read_checkpoint, summarise_load_error
 from export.frontend import PowerMel
+from monitor.errors import CheckpointError
 
 SAMPLE_RATE = 44100
 N_FFT = 2048

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.checkpoint import CheckpointError, read_checkpoint, summarise_load_error
+from export.checkpoint import read_checkpoint, summarise_load_error
+from export.contract import metadata
 from export.kaldi import FbankOptions, KaldiFbank
+from monitor.errors import CheckpointError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -318,8 +320,6 @@ def resolve_layer(requested: int | None, total: int, source: str) -> int:
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, BackboneMetadata]:
-    from export.registry import metadata  # the registry imports this module
-
     if args.random_init:
         cfg, state, source = parse_config(dict(BASE_CONFIG), "random-init"), None, "random-init"
     else:

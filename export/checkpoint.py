@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from monitor.errors import CheckpointError
+
 # The names ``transformers`` gives the weights in a saved model folder, preferred first.
 HUGGING_FACE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 ZIP_MAGIC = b"PK\x03\x04"
@@ -35,10 +37,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is not the one this exporter expects."""
 
 
 def first_line(exc: BaseException) -> str:

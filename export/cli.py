@@ -1,7 +1,10 @@
 """``asd-export``: turn backbones into ONNX files for the daemon.
 
 Each backbone is a subcommand; the file is written to ``--out``/<name>.onnx and its path
-printed. Exit codes: 0 ok, 1 export failed (bad checkpoint, parity check failed), 2 usage.
+printed.
+
+Exit codes (as asd-monitor's): 0 ok, 1 export failed (parity check, torch or ONNX error, file
+system), 2 usage, 65 bad checkpoint or input. A failure prints one line on stderr.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+from export.checkpoint import first_line
 from export.registry import EXPORTERS
+from monitor.errors import EXIT_FAILURE, EXIT_USAGE, AsdError
 
-log = logging.getLogger("asd-export")
+log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "monitor" / "assets"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asd-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="asd-export", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[-1])
     parser.add_argument("-v", "--verbose", action="store_true", help="log the exporter's own steps")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the backbones this exporter knows")
@@ -49,7 +55,10 @@ def _precision_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_one(args: argparse.Namespace, name: str) -> Path:
-    from export.onnx_export import DATA_SUFFIX, export_backbone  # imports torch.onnx: only when exporting
+    from export.onnx_export import (  # imports torch.onnx: only when exporting
+        DATA_SUFFIX,
+        export_backbone,
+    )
 
     started = time.perf_counter()
     module, meta = EXPORTERS[name].build(args)
@@ -80,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not EXPORTERS[args.command].builtin and args.checkpoint is None and not args.random_init:
             print(f"asd-export: error: {args.command} needs --checkpoint FILE (or --random-init)", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         print(export_one(args, args.command))
-    except (OSError, ValueError, RuntimeError) as exc:
-        print(f"asd-export: error: {exc}", file=sys.stderr)
-        return 1
+    except AsdError as exc:
+        print(f"asd-export: error: {first_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except (OSError, ValueError, RuntimeError) as exc:  # the file system's, torch's and onnx's own
+        print(f"asd-export: error: {first_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

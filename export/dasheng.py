@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.checkpoint import CheckpointError, load_strict, randomise_norms, read_checkpoint
+from export.checkpoint import load_strict, randomise_norms, read_checkpoint
+from export.contract import metadata
 from export.frontend import ReflectPowerMel
 from export.vit import Block, PatchEmbed
+from monitor.errors import CheckpointError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -252,8 +254,6 @@ def checkpoint_help(name: str) -> str:
 
 def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, BackboneMetadata]:
     """The registry's build: ``--checkpoint`` (or ``--random-init``) -> (module, metadata)."""
-    from export.registry import metadata
-
     model = random_model(name) if args.random_init else load_dasheng(args.checkpoint, name)
     c = model.config
     # One chunk covers the window: the graph then also takes shorter clips as they are.

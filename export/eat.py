@@ -38,9 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.beats import resolve_layer
-from export.checkpoint import CheckpointError, hugging_face_weight_file, read_checkpoint, summarise_load_error
+from export.checkpoint import (
+    hugging_face_weight_file,
+    read_checkpoint,
+    summarise_load_error,
+)
+from export.contract import metadata
 from export.kaldi import FbankOptions, KaldiFbank
 from export.vit import Block, PatchEmbed
+from monitor.errors import CheckpointError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -283,8 +289,6 @@ def build_model(arch: dict[str, Any], state: dict[str, torch.Tensor] | None, sou
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, BackboneMetadata]:
-    from export.registry import metadata  # the registry imports this module
-
     if args.random_init:
         arch, state, layout, source = dict(BASE), None, "random-init (base)", "random-init"
     else:

@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.checkpoint import CheckpointError, load_strict, randomise_norms, read_checkpoint
+from export.checkpoint import load_strict, randomise_norms, read_checkpoint
+from export.contract import metadata
 from export.frontend import ReflectPowerMel, slaney_mel_filterbank
 from export.vit import Block, PatchEmbed
+from monitor.errors import CheckpointError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -222,8 +224,6 @@ CHECKPOINT = "a released weights .pth inside its release folder (the folder name
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, BackboneMetadata]:
-    from export.registry import metadata
-
     sizes = getattr(args, "sizes", None)
     try:
         config = parse_release_name(sizes) if sizes else None

@@ -33,9 +33,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.checkpoint import (CheckpointError, first_line, hugging_face_weight_file, load_strict, randomise_norms,
-                               read_checkpoint)
+from export.checkpoint import (
+    first_line,
+    hugging_face_weight_file,
+    load_strict,
+    randomise_norms,
+    read_checkpoint,
+)
+from export.contract import metadata
 from export.frontend import ReflectPowerMel
+from monitor.errors import CheckpointError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -324,9 +331,10 @@ def load_muq(path: Path) -> MuQEncoder:
     raw, weights, weight_file = read_folder(path)
     try:
         config = MuQConfig.from_json(raw)
+        # Its sizes come from config.json: a head count or kernel they cannot take is the file's fault.
+        model = MuQEncoder(config)  # its state_dict has the package's layout: model.conv.*, model.conformer.*
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    model = MuQEncoder(config)  # its state_dict has the package's layout: model.conv.*, model.conformer.*
     ignored = [k for k in weights if k.startswith(IGNORED_PREFIXES)]
     if ignored:
         log.info("%s: leaving out %d tensors outside the feature path (e.g. %s)", weight_file, len(ignored), ignored[0])
@@ -346,8 +354,6 @@ CHECKPOINT = "the Hugging Face folder OpenMuQ/MuQ-large-msd-iter (config.json + 
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, BackboneMetadata]:
-    from export.registry import metadata
-
     model = random_model() if args.random_init else load_muq(args.checkpoint)
     c = model.config
     return model, metadata("muq", SAMPLE_RATE, c.encoder_dim, frontend_description(c), LICENCE, MIN_SECONDS)

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from monitor.errors import ParityError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ DATA_SUFFIX = ".data"
 # ConvInteger was measured slower than the float Conv on this CPU (M2D, MuQ) and cost aisfx's CNN
 # accuracy (cosine 0.978 to float32); see benchmarks/precision.py.
 QUANTIZED_OPS = ("MatMul", "Gemm")
-
-
-class ParityError(RuntimeError):
-    """The exported graph does not reproduce the torch model."""
 
 
 def model_digest(module: torch.nn.Module, settings: str) -> str:

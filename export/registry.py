@@ -11,14 +11,12 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from export import aisfx, beats, dasheng, eat, logmel, m2d, muq
+from export.contract import metadata
 from monitor.scoring.metadata import BackboneMetadata
-
-WINDOW_SECONDS = 10.0
 
 Build = Callable[[argparse.Namespace], tuple[torch.nn.Module, BackboneMetadata]]
 
@@ -32,12 +30,6 @@ class Exporter:
     build: Build  # args has .checkpoint (Path | None), .random_init (bool) and its own options
     builtin: bool = False  # shipped in monitor/assets, re-made by `asd-export builtins`
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-
-
-def metadata(name: str, rate: int, dim: int, frontend: str, licence: str, min_seconds: float = 0.0) -> BackboneMetadata:
-    """Metadata for a new export; exporter_version and model_id are filled in by
-    ``export_backbone`` from the built module."""
-    return BackboneMetadata(name, rate, WINDOW_SECONDS, dim, frontend, licence, "", "", min_seconds=min_seconds)
 
 
 def _build_logmel(args: argparse.Namespace) -> tuple[torch.nn.Module, BackboneMetadata]:

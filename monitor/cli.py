@@ -16,30 +16,26 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from monitor import __version__
-from monitor.audio.files import AudioError, load_audio
-from monitor.scoring.backbone import BackboneError, builtin_names
-from monitor.bank.store import BankError, BankStore, check_audio_rate
-from monitor.config import BackboneConfig, Config, ConfigError, load_config
-from monitor.offline.dataset import DatasetError, find_audio
+from monitor.audio.files import find_audio
+from monitor.bank.model import DEFAULT_CONDITION
+from monitor.bank.store import BankStore
+from monitor.config import BackboneConfig, Config, load_config
+from monitor.errors import (
+    EXIT_DATA,
+    EXIT_FAILURE,
+    AsdError,
+    BankError,
+    ConfigError,
+    UsageError,
+)
+from monitor.outputs.fanout import WINDOWS_LOG
+from monitor.scoring.backbone import builtin_names
 from monitor.scoring.detector import Detector
-from monitor.scoring.ranking import FusionError
 from monitor.scoring.idle import NOISE_CONDITION
-from monitor.scoring.knn import KnnError
-from monitor.scoring.metadata import ModelMetadataError
-from monitor.outputs.mqtt import MqttConfigError
-from monitor.outputs.outbox import OutboxError
-from monitor.outputs.telemetry import TelemetryError
+from monitor.scoring.recording import score_recording
 
-log = logging.getLogger("asd-monitor")
-
-EXIT_FAILURE = 1
-EXIT_DATA = 65
-EXIT_CONFIG = 78
-DATA_ERRORS = (AudioError, BackboneError, BankError, DatasetError, KnnError, FusionError, ModelMetadataError,
-               OutboxError, MqttConfigError, TelemetryError)
+log = logging.getLogger(__name__)
 
 
 def _progress_factory(description: str):
@@ -96,29 +92,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     detector = Detector.from_config(_config(args))
-    bank = BankStore(args.bank).load()
-    detector.fit(bank)
+    detector.fit(BankStore(args.bank).load())
     threshold = detector.config.alerts.threshold
     rows = []
     for path in find_audio(args.paths):
-        audio = load_audio(path)
-        check_audio_rate(bank.recorded_rates, audio.sample_rate, detector.model_rate, str(path))
-        embedded = detector.embed(audio)
-        scores = detector.score(embedded.embeddings)
-        idle = detector.idle(embedded.embeddings)  # machine stopped: no verdict (site noise enrolled)
-        row = {"file": str(path), "windows": len(embedded.starts), "idle_windows": int(idle.sum())}
-        if idle.all():
-            rows.append(row | {"worst_window_start_s": None, "fused_rank": None, "anomalous": None,
-                               "backbones": {}})
-            continue
-        running = np.flatnonzero(~idle)
-        worst = int(running[scores.fused[running].argmax()])
-        rows.append(row | {
-            "worst_window_start_s": embedded.starts[worst],
-            "fused_rank": float(scores.fused[worst]),
-            "anomalous": bool(scores.fused[worst] > threshold),
-            "backbones": {name: {"score": float(scores.raw[name][worst]), "rank": float(scores.ranks[name][worst])}
-                          for name in scores.raw},
+        result = score_recording(detector, path)
+        worst, scores = result.worst, result.scores
+        rows.append({
+            "file": str(path), "windows": len(result.starts), "idle_windows": int(scores.idle.sum()),
+            "worst_window_start_s": None if worst is None else result.starts[worst],
+            "fused_rank": result.fused_rank, "anomalous": result.anomalous,
+            "backbones": {} if worst is None else {
+                name: {"score": float(scores.raw[name][worst]), "rank": float(scores.ranks[name][worst])}
+                for name in scores.raw},
         })
     if args.json:
         print(json.dumps({"threshold": threshold, "bank": str(args.bank), "results": rows}, indent=2))
@@ -150,10 +136,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {args.out}/results.json, roc.png and the official CSV files")
     return 0
-
-
-class UsageError(Exception):
-    """A command line argparse cannot check by itself (exit 2, like argparse's own errors)."""
 
 
 def _required_config(args: argparse.Namespace, command: str) -> Config:
@@ -224,8 +206,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from monitor import demo
     from monitor.service.daemon import Daemon
 
-    logging.getLogger("asd.windows").setLevel(logging.INFO)
-    logging.getLogger("monitor.service.daemon").setLevel(logging.INFO)  # shows the metrics URL and MQTT state
+    logging.getLogger(WINDOWS_LOG).setLevel(logging.INFO)
+    for name in ("monitor.service.daemon", "monitor.outputs.fanout"):  # the metrics URL, MQTT and states
+        logging.getLogger(name).setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
         state = args.state_dir or Path(tmp)
         config = demo.demo_config(state, args.speed, _config(args))
@@ -233,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"== enrolling {len(demo.enroll_clips())} recordings of a healthy fan (MIMII, CC BY-SA 4.0)")
         from monitor.enrollment.files import enroll_files
 
-        enrolled = enroll_files(detector, BankStore(demo.bank_dir(state)), demo.enroll_clips(), "default", replace=True)
+        enrolled = enroll_files(detector, BankStore(demo.bank_dir(state)), demo.enroll_clips(), DEFAULT_CONDITION, replace=True)
         print(f"   bank {demo.bank_dir(state)}: {len(enrolled.bank)} windows")
         daemon = Daemon(config)
         print(f"== replaying {len(demo.replay_clips())} recordings at {args.speed:g}x: 30 s healthy, then 50 s of "
@@ -320,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", type=Path, required=True, help="bank directory")
     p.add_argument("--backbone", action="append", help=backbone_help)
     condition = p.add_mutually_exclusive_group()
-    condition.add_argument("--condition", default="default", help="operating condition of these recordings (default: default)")
+    condition.add_argument("--condition", default=DEFAULT_CONDITION,
+                           help=f"operating condition of these recordings (default: {DEFAULT_CONDITION})")
     condition.add_argument("--noise", action="store_true",
                            help=f"noise-only recordings of the site with the machine stopped (condition {NOISE_CONDITION}): "
                                 "the daemon then reports such windows as idle instead of scoring them")
@@ -379,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop", "cancel", "status"])
     p.add_argument("--machine", required=True, help="machine name from the config")
     p.add_argument("--duration", type=float, help="seconds of audio to enroll (default: enrollment.default_duration_seconds)")
-    p.add_argument("--condition", default="default",
-                   help=f"operating condition (default: default; {NOISE_CONDITION}: the machine is stopped, enroll the site's noise)")
+    p.add_argument("--condition", default=DEFAULT_CONDITION,
+                   help=f"operating condition (default: {DEFAULT_CONDITION}; {NOISE_CONDITION}: the machine is stopped, enroll the site's noise)")
     p.set_defaults(func=cmd_enroll_live)
 
     p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")
@@ -416,7 +400,7 @@ def setup_logging(verbosity: int) -> None:
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter())
         if verbosity < 2:
-            logging.getLogger("asd.windows").setLevel(logging.WARNING)
+            logging.getLogger(WINDOWS_LOG).setLevel(logging.WARNING)
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
@@ -427,15 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args)
-    except UsageError as exc:
-        print(f"asd-monitor: error: {exc}", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        print(f"asd-monitor: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except DATA_ERRORS as exc:
-        print(f"asd-monitor: error: {exc}", file=sys.stderr)
-        return EXIT_DATA
+    except AsdError as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"asd-monitor: {kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 

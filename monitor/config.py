@@ -19,19 +19,17 @@ from typing import Any, Literal
 
 import yaml
 
+from monitor.bank.model import DEFAULT_CONDITION
+from monitor.errors import ConfigError
+from monitor.scoring.backbone import Provider
+from monitor.scoring.knn import IndexType, Metric
+from monitor.scoring.ranking import FusionRule
 
 DEFAULT_STATE_DIR = "/var/lib/asd-monitor"
 
 
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message is one line naming file, key and value."""
-
-
 def _range(minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False) -> dict:
     return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
-
-
-Metric = Literal["mahalanobis", "cosine", "euclidean", "std-euclidean"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class ScoringConfig:
     k: int = field(default=1, metadata=_range(1))
     shrinkage: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
     # Per condition sub-bank: exact below 100 000 embeddings, HNSW above (monitor/scoring/knn.py).
-    index: Literal["auto", "flat", "hnsw"] = "auto"
+    index: IndexType = "auto"
     # The leave-one-out reference costs O(n^2): above this many bank windows it is computed
     # exactly for an evenly spread sample of this many (measured: 1e4 windows take 20-30 s).
     reference_max_windows: int = field(default=5000, metadata=_range(2))
@@ -67,7 +65,7 @@ class ScoringConfig:
 class FusionConfig:
     """How per-backbone ranks are combined."""
 
-    rule: Literal["mean", "max"] = "mean"
+    rule: FusionRule = "mean"
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ class ScheduleConfig:
     machine: str
     daily_at: str  # "HH:MM"
     duration_seconds: float = field(default=600.0, metadata=_range(0.0, exclusive_min=True))
-    condition: str = "default"
+    condition: str = DEFAULT_CONDITION
 
 
 @dataclass(frozen=True)
@@ -228,7 +226,7 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    provider: Provider = "auto"
     threads: int = field(default=0, metadata=_range(0))
     # numpy BLAS and faiss OpenMP threads in every daemon thread (0 = the libraries' default);
     # one is measured fastest for one window at a time (see monitor/service/threads.py).
@@ -255,9 +253,6 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
-
-    def weights(self) -> dict[str, float]:
-        return {b.model: b.weight for b in self.backbones}
 
 
 def load_config(path: Path) -> Config:

@@ -11,8 +11,15 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+from monitor.config import (
+    Config,
+    DaemonConfig,
+    MachineConfig,
+    MetricsConfig,
+    MqttConfig,
+    SourceConfig,
+)
 from monitor.scoring.backbone import ASSETS
-from monitor.config import Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, SourceConfig
 
 DEMO_DIR = ASSETS / "demo" / "mimii-fan"
 ENROLLED = 7

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,3 +132,28 @@ def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseServ
             os.environ.pop("PULSE_SERVER", None)
         else:
             os.environ["PULSE_SERVER"] = previous
+
+
+# --- daemons running in the background (tests/daemons.py) -------------------------------------
+
+@pytest.fixture
+def running(tmp_path: Path):
+    """``running(config)`` starts a daemon with its main loop in a thread; every daemon started
+    is stopped at teardown."""
+    from monitor.service.daemon import Daemon
+
+    started: list[tuple[Daemon, threading.Thread]] = []
+
+    def start(config) -> Daemon:
+        daemon = Daemon(config)
+        daemon.start()
+        runner = threading.Thread(target=daemon.run)
+        runner.start()
+        started.append((daemon, runner))
+        return daemon
+
+    yield start
+    for daemon, runner in started:
+        daemon.stop_event.set()
+        runner.join()
+        daemon.stop()

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitor.config import Config, ConfigError, MachineConfig, SourceConfig, config_from_dict, load_config
+from monitor.config import (
+    Config,
+    MachineConfig,
+    SourceConfig,
+    config_from_dict,
+    load_config,
+)
+from monitor.errors import ConfigError
 
 REFERENCE = Path(__file__).resolve().parents[1] / "config"
 

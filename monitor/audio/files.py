@@ -18,6 +18,7 @@ Clip length policy (one rule for enrollment, scoring and evaluation):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from monitor.errors import AudioError
+
 log = logging.getLogger(__name__)
 
-
-class AudioError(ValueError):
-    """An audio file cannot be used: unreadable, empty, or not finite."""
+AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,40 @@ def fit_windows(
         return np.tile(samples, repeats)[:window][None, :].astype(np.float32), [0]
     starts = window_starts(len(samples), window, hop)
     return np.stack([samples[s : s + window] for s in starts]).astype(np.float32), starts
+
+
+def is_audio(path: Path) -> bool:
+    """Whether ``path`` has one of the audio suffixes (case-insensitive)."""
+    return path.suffix.lower() in AUDIO_SUFFIXES
+
+
+def is_hidden(path: Path, below: Path) -> bool:
+    """Whether any part of ``path`` under ``below`` is hidden.
+
+    Folder walks skip hidden entries because archives copied from macOS carry
+    ``._name.wav`` resource forks that look like audio but cannot be decoded.
+    """
+    return any(part.startswith(".") for part in path.relative_to(below).parts)
+
+
+def find_audio(paths: Iterable[Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted, duplicate-free list of audio files:
+    the one finder for enrollment, scoring and replayed sources.
+
+    A named file that is not audio is an error rather than silently dropped, because the
+    caller asked for it explicitly; inside folders, non-audio and hidden files are skipped.
+    """
+    given = [Path(p) for p in paths]
+    found: set[Path] = set()
+    for path in given:
+        if not path.exists():
+            raise AudioError(f"{path} does not exist")
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and is_audio(p) and not is_hidden(p, path))
+        elif is_audio(path):
+            found.add(path)
+        else:
+            raise AudioError(f"{path} is not an audio file (expected one of {', '.join(AUDIO_SUFFIXES)})")
+    if not found:
+        raise AudioError(f"no audio files found in {', '.join(map(str, given)) or 'an empty path list'}")
+    return sorted(found)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitor.audio.files import Audio, AudioError, resample
+from monitor.audio.files import Audio, resample
+from monitor.errors import AudioError
 
 
 def _power(samples: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Time marks kept (one per written block). Older frames are timed by extrapolating back from the
 # oldest mark at the sample rate, which stays exact unless the stream restarted in between.
@@ -228,5 +228,5 @@ class Windower:
         skip = max(1, math.ceil((oldest - self.next_start) / self.hop_frames))
         self.skipped_windows += skip
         self.next_start += skip * self.hop_frames
-        logger.warning("consumer fell behind the audio: skipped %d window(s), resuming at frame %d", skip, self.next_start)
+        log.warning("consumer fell behind the audio: skipped %d window(s), resuming at frame %d", skip, self.next_start)
         self.ring.release(self.next_start)

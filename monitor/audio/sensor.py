@@ -20,11 +20,12 @@ import numpy as np
 
 from monitor.config import SensorConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MIN_DBFS = -200.0  # far below any converter's noise floor (1 LSB of 24-bit audio is about -144 dBFS)
 
-FAULTS = ("nonfinite", "silence", "low_level", "clipping", "dropout")
+# What check_window reports, plus "device": the source itself reports its input down.
+FAULTS = ("nonfinite", "silence", "low_level", "clipping", "dropout", "device")
 
 
 @dataclass(frozen=True)

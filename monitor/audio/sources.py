@@ -22,21 +22,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import soundfile as sf
 
-from monitor.audio.files import AudioError, load_audio, resample
-from monitor.config import SourceConfig
+from monitor.audio.files import find_audio, load_audio, resample
 from monitor.audio.ring import RingBuffer
+from monitor.config import SourceConfig
+from monitor.errors import AudioDeviceError, AudioError
 
 if TYPE_CHECKING:
     import sounddevice
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav", ".flac")
 _LISTED_DEVICES = 8  # how many input devices an error message names
-
-
-class AudioDeviceError(RuntimeError):
-    """An input device cannot be opened or has failed; the message is one line naming it."""
 
 
 class AudioSource(Protocol):
@@ -48,10 +44,17 @@ class AudioSource(Protocol):
     ring: RingBuffer
     overflows: int  # input overflows reported by the device (audio lost before the ring)
     error: str | None  # the last device error while the source is down, else None
+    # Live audio cannot wait for the models: when processing falls behind, the oldest window
+    # is dropped (and counted). A replay can wait, so every window of it gets scored.
+    live: bool
+    finished: threading.Event  # set when a replay has played everything; never for live audio
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+    def supervise(self, stop_event: threading.Event) -> None:
+        """Keep the source running until ``stop_event`` is set (run in a thread of its own)."""
 
     @property
     def alive(self) -> bool: ...
@@ -104,7 +107,7 @@ class MicrophoneSource:
     """A sounddevice input stream whose callback only copies blocks into the ring.
 
     ``start()`` opens the device once and fails fast (``AudioDeviceError``) so a wrong device
-    name in the config is reported at startup. ``run_supervised()`` is the long-running mode:
+    name in the config is reported at startup. ``supervise()`` is the long-running mode:
     run in its own thread, it keeps the stream open, and when the device is missing, unplugged
     or stops delivering audio it sets ``error`` (the daemon reports a sensor fault) and retries
     with exponential back-off until the device is back.
@@ -126,6 +129,8 @@ class MicrophoneSource:
         self.ring = RingBuffer(config.channels, round(ring_seconds * config.sample_rate), sample_rate=config.sample_rate)
         self.overflows = 0
         self.error: str | None = None
+        self.live = True
+        self.finished = threading.Event()  # a microphone never finishes
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         # Longer than a device's start-up latency (about 1 s through PulseAudio) so opening is
@@ -146,11 +151,11 @@ class MicrophoneSource:
         self._open()
 
     def stop(self) -> None:
-        """Close the stream and end ``run_supervised``; safe to call from any thread."""
+        """Close the stream and end ``supervise``; safe to call from any thread."""
         self._stopping.set()
         self._close()
 
-    def run_supervised(self, stop_event: threading.Event) -> None:
+    def supervise(self, stop_event: threading.Event) -> None:
         """Keep the stream running until ``stop_event`` is set (or ``stop()`` is called).
 
         Uses an already started stream if there is one. While the device is down, ``error``
@@ -166,21 +171,21 @@ class MicrophoneSource:
                     self._open()
                 except AudioDeviceError as exc:
                     if self.error != str(exc):
-                        logger.warning("%s: %s; retrying with back-off", self.name, exc)
+                        log.warning("%s: %s; retrying with back-off", self.name, exc)
                     else:
-                        logger.debug("%s: still down, next attempt in %.3g s", self.name, delay)
+                        log.debug("%s: still down, next attempt in %.3g s", self.name, delay)
                     self.error = str(exc)
                     self._sleep(stop_event, delay)
                     delay = min(delay * 2.0, self.backoff_max)
                     continue
                 if self.error is not None:
-                    logger.info("%s: %s is back", self.name, _device_label(self.config.device))
+                    log.info("%s: %s is back", self.name, _device_label(self.config.device))
             self.error = None
             delay = self.backoff_initial
             reason = self._watch(stop_event)
             if reason is None:
                 break
-            logger.warning("%s: %s", self.name, reason)
+            log.warning("%s: %s", self.name, reason)
             self.error = reason
             self._close()
             # Not straight back: a device that just vanished is rarely back within a second, and
@@ -217,7 +222,7 @@ class MicrophoneSource:
                     _open_streams -= 1
                     raise AudioDeviceError(f"{_device_label(self.config.device)} cannot be started ({exc})") from None
             self._stream = stream
-        logger.info("%s: capturing from %s at %d Hz, %d channel(s)", self.name, _device_label(self.config.device), self.sample_rate, self.channels)
+        log.info("%s: capturing from %s at %d Hz, %d channel(s)", self.name, _device_label(self.config.device), self.sample_rate, self.channels)
 
     def _close(self) -> None:
         global _open_streams
@@ -277,17 +282,6 @@ class MicrophoneSource:
             stop_event.wait(min(remaining, 0.1))
 
 
-def audio_files(paths: list[Path]) -> list[Path]:
-    """WAV/FLAC files among ``paths``; folders are searched recursively, each sorted by path."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES))
-        else:
-            found.append(path)
-    return found
-
-
 class FileSource:
     """Replays files as a stream of ``block_size`` blocks, ``speed`` times faster than real time.
 
@@ -303,12 +297,14 @@ class FileSource:
         self.name = config.name
         self.sample_rate = config.sample_rate
         self.channels = config.channels
-        self.files = audio_files(config.paths)
-        if not self.files:
-            raise AudioError(f"source {config.name!r}: no WAV/FLAC files in {', '.join(map(str, config.paths))}")
+        try:  # each path in the order given (a replay plays them in turn), each folder sorted
+            self.files = [f for path in config.paths for f in find_audio([path])]
+        except AudioError as exc:
+            raise AudioError(f"source {config.name!r}: {exc}") from None
         self.ring = RingBuffer(config.channels, round(ring_seconds * config.sample_rate), sample_rate=config.sample_rate)
         self.overflows = 0  # never incremented: a file cannot overflow; kept for the common interface
         self.error: str | None = None
+        self.live = False
         self.finished = threading.Event()
         self.start_time: float | None = None
         self._stopping = threading.Event()
@@ -333,6 +329,9 @@ class FileSource:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def supervise(self, stop_event: threading.Event) -> None:
+        """Nothing to supervise: a replay thread has no device to lose."""
 
     def _run(self) -> None:
         assert self.start_time is not None
@@ -359,7 +358,7 @@ class FileSource:
             if not self.config.loop or played == 0:
                 break
         if not self._stopping.is_set():
-            logger.info("%s: replay finished after %.1f s of audio", self.name, frame / self.sample_rate)
+            log.info("%s: replay finished after %.1f s of audio", self.name, frame / self.sample_rate)
             self.finished.set()
 
     def _decoded(self) -> Iterator[np.ndarray]:
@@ -372,7 +371,7 @@ class FileSource:
             try:
                 yield self._load(path)
             except AudioError as exc:
-                logger.error("%s: skipping %s", self.name, exc)
+                log.error("%s: skipping %s", self.name, exc)
                 self.error = str(exc)
 
     def _load(self, path: Path) -> np.ndarray:

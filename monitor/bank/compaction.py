@@ -18,7 +18,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from monitor.bank.store import Bank, BankError, BankItem
+from monitor.bank.model import Bank, BankItem
+from monitor.errors import BankError
 
 KMEANS_ITERATIONS = 25
 

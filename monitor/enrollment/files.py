@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from monitor.audio.files import Audio, load_audio
-from monitor.bank.store import Bank, BankItem, BankNotFound, BankStore, check_audio_rate
-from monitor.scoring.detector import Detector, Embedded
 from monitor.audio.mixing import mix_at_snr
 from monitor.audio.sensor import level_dbfs
+from monitor.bank.model import Bank, BankItem, check_audio_rate
+from monitor.bank.store import BankStore
+from monitor.errors import BankNotFound
+from monitor.scoring.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,16 @@ class Enrolled:
     new_windows: int
 
 
-def window_levels(audio: Audio, embedded: Embedded, window_seconds: float) -> list[float]:
-    """RMS level (dBFS) of each embedded window, measured on the original audio."""
+def embed_windows(detector: Detector, audio: Audio, source: str, condition: str) -> tuple[list[BankItem], dict[str, np.ndarray]]:
+    """Every window of ``audio`` as bank rows: its items (with each window's level, measured on
+    the original audio) and embeddings per backbone. Enrollment and evaluation both use it."""
+    embedded = detector.embed(audio)
     rate = audio.sample_rate
-    span = int(round(window_seconds * rate))
-    return [level_dbfs(audio.samples[int(round(s * rate)) : int(round(s * rate)) + span]) for s in embedded.starts]
-
-
-def items_for(detector: Detector, audio: Audio, embedded: Embedded, source: str, condition: str) -> list[BankItem]:
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    levels = window_levels(audio, embedded, detector.window_seconds)
-    return [BankItem(source, start, condition, now, level, audio.sample_rate)
-            for start, level in zip(embedded.starts, levels)]
+    span = int(round(detector.window_seconds * rate))
+    items = [BankItem.enrolled_now(source, start, condition,
+                                   level_dbfs(audio.samples[int(round(start * rate)):int(round(start * rate)) + span]), rate)
+             for start in embedded.starts]
+    return items, embedded.embeddings
 
 
 @dataclass(frozen=True)
@@ -97,9 +96,9 @@ def enroll_files(
         for source, audio in recordings:
             check_audio_rate(recorded, audio.sample_rate, detector.model_rate, source)
             recorded.add(audio.sample_rate)
-            embedded = detector.embed(audio)
-            items += items_for(detector, audio, embedded, source, condition)
-            for name, emb in embedded.embeddings.items():
+            new_items, embeddings = embed_windows(detector, audio, source, condition)
+            items += new_items
+            for name, emb in embeddings.items():
                 parts[name].append(emb)
         if progress:
             progress(1)
@@ -108,18 +107,3 @@ def enroll_files(
     version = store.save(new_bank, note=note or f"enrolled {len(paths)} file(s){mixed}, condition {condition}")
     log.info("bank %s: version %s with %d windows (%d new)", store.path, version, len(new_bank), len(items))
     return Enrolled(version, new_bank, len(items))
-
-
-def enrolled_level(bank: Bank) -> float | None:
-    """The quietest enrolled condition's median window level, the reference of the sensor's
-    level-drop check (None for banks from before levels were kept).
-
-    The quietest, not the overall median: a machine enrolled at full load and idling, or with
-    site noise recorded while it was stopped, is expected at each of those levels, and only a
-    drop below all of them says that the microphone lost its sound.
-    """
-    by_condition: dict[str, list[float]] = {}
-    for item in bank.items:
-        if item.level_dbfs is not None:
-            by_condition.setdefault(item.condition, []).append(item.level_dbfs)
-    return min(float(np.median(levels)) for levels in by_condition.values()) if by_condition else None

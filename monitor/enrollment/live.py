@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from monitor.bank.store import BankItem
+from monitor.bank.model import DEFAULT_CONDITION, BankItem
 from monitor.config import EnrollmentConfig
+from monitor.errors import CommandError
 from monitor.scoring.idle import NOISE_CONDITION
 
 ACTIONS = ("start", "stop", "cancel", "status")
@@ -31,15 +32,11 @@ _CONDITION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_DURATION_S = 7 * 24 * 3600.0
 
 
-class CommandError(ValueError):
-    """A command that cannot be carried out; the reply carries the message, nothing changes."""
-
-
 @dataclass(frozen=True)
 class Command:
     action: str
     duration_s: float | None = None
-    condition: str = "default"
+    condition: str = DEFAULT_CONDITION
     request_id: str | None = None
 
 
@@ -65,7 +62,7 @@ def parse_command(payload: bytes | str, config: EnrollmentConfig) -> Command:
     duration = data.get("duration_s", config.default_duration_seconds)
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration <= MAX_DURATION_S:
         raise CommandError(f"duration_s must be a number of seconds in (0, {MAX_DURATION_S:g}], got {duration!r}")
-    condition = data.get("condition", "default")
+    condition = data.get("condition", DEFAULT_CONDITION)
     if not isinstance(condition, str) or not _CONDITION_RE.fullmatch(condition):
         raise CommandError(f"condition must be a short name of letters, digits, '_', '.', '-', got {condition!r}")
     if config.conditions and condition not in (*config.conditions, NOISE_CONDITION):

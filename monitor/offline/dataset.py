@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from monitor.audio.files import is_audio, is_hidden
+from monitor.errors import DatasetError
 
-AUDIO_SUFFIXES = (".wav", ".flac")
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "test")
 
 # section_00_source_train_normal_0000[_attributes]: the development-set convention.
@@ -28,10 +29,6 @@ _DCASE_NAME = re.compile(
 _DCASE_EVAL_NAME = re.compile(r"^section_(?P<section>\d+)_(?P<index>\d+)$", re.IGNORECASE)
 # normal_id_00_..., anomaly_..., abnormal_...: flattened MIMII names (no domain, no section).
 _MIMII_NAME = re.compile(r"^(?P<label>normal|anomaly|abnormal)(?:_(?P<attributes>.*))?$", re.IGNORECASE)
-
-
-class DatasetError(ValueError):
-    """A data-set path or file name that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -54,20 +51,6 @@ class Clip:
     def is_anomaly(self) -> bool:
         """True only for clips known to be anomalous; unknown labels count as not anomalous."""
         return self.label == "anomaly"
-
-
-def is_audio(path: Path) -> bool:
-    """Whether ``path`` has one of the audio suffixes (case-insensitive)."""
-    return path.suffix.lower() in AUDIO_SUFFIXES
-
-
-def _is_hidden(path: Path, below: Path) -> bool:
-    """Whether any part of ``path`` under ``below`` is hidden.
-
-    Folder walks skip hidden entries because archives copied from macOS carry
-    ``._name.wav`` resource forks that look like audio but cannot be decoded.
-    """
-    return any(part.startswith(".") for part in path.relative_to(below).parts)
 
 
 def _infer_machine(path: Path) -> str:
@@ -118,7 +101,7 @@ def parse_clip(path: Path, machine: str | None = None, *, strict: bool = False) 
     if folder in SPLITS:
         split = folder
         if name_split is not None and name_split != split:
-            logger.warning("%s: name says split %r but the folder says %r; using the folder", path, name_split, split)
+            log.warning("%s: name says split %r but the folder says %r; using the folder", path, name_split, split)
     else:
         split = name_split or "test"
 
@@ -135,7 +118,7 @@ def parse_clip(path: Path, machine: str | None = None, *, strict: bool = False) 
 
 def _audio_in(folder: Path) -> list[Path]:
     """Audio files directly inside ``folder`` (the DCASE layout is flat)."""
-    return [p for p in folder.iterdir() if p.is_file() and is_audio(p) and not _is_hidden(p, folder)]
+    return [p for p in folder.iterdir() if p.is_file() and is_audio(p) and not is_hidden(p, folder)]
 
 
 def scan_dataset(root: Path) -> dict[str, list[Clip]]:
@@ -149,38 +132,16 @@ def scan_dataset(root: Path) -> dict[str, list[Clip]]:
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
     machines: dict[str, list[Clip]] = {}
-    for machine_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p, root)):
+    for machine_dir in sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p, root)):
         split_dirs = [machine_dir / split for split in SPLITS if (machine_dir / split).is_dir()]
         if not split_dirs:
             continue
         files = sorted(f for split_dir in split_dirs for f in _audio_in(split_dir))
         if not files:
-            logger.debug("skipping %s: no audio in its split folders", machine_dir)
+            log.debug("skipping %s: no audio in its split folders", machine_dir)
             continue
         machines[machine_dir.name] = [parse_clip(f, machine_dir.name) for f in files]
     if not machines:
         raise DatasetError(f"dataset root {root} holds no <machine>/train or <machine>/test folder with audio")
-    logger.info("found %d machines under %s", len(machines), root)
+    log.info("found %d machines under %s", len(machines), root)
     return machines
-
-
-def find_audio(paths: Iterable[Path]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted, duplicate-free list of audio files.
-
-    A named file that is not audio is an error rather than silently dropped, because the
-    caller asked for it explicitly; inside folders, non-audio and hidden files are skipped.
-    """
-    given = [Path(p) for p in paths]
-    found: set[Path] = set()
-    for path in given:
-        if not path.exists():
-            raise DatasetError(f"{path} does not exist")
-        if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.is_file() and is_audio(p) and not _is_hidden(p, path))
-        elif is_audio(path):
-            found.add(path)
-        else:
-            raise DatasetError(f"{path} is not an audio file (expected one of {', '.join(AUDIO_SUFFIXES)})")
-    if not found:
-        raise DatasetError(f"no audio files found in {', '.join(map(str, given)) or 'an empty path list'}")
-    return sorted(found)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DOMAINS = ("source", "target")
 DEFAULT_MAX_FPR = 0.1
@@ -168,7 +168,7 @@ def machine_figures(
         normals = (d == domain) & ~y
         counts[domain] = int(normals.sum())
         if counts[domain] == 0:
-            logger.debug("no %s-domain normal clip: AUC(%s) is NaN", domain, domain)
+            log.debug("no %s-domain normal clip: AUC(%s) is NaN", domain, domain)
             per_domain[domain] = math.nan
         else:
             subset = normals | y

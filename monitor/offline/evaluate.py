@@ -18,17 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from monitor.audio.files import load_audio
-from monitor.bank.store import Bank, BankItem
-from monitor.offline.dataset import Clip, DatasetError, scan_dataset
-from monitor.scoring.detector import Detector, Embedded
-from monitor.scoring.ranking import fuse, self_rank
+from monitor.bank.model import DEFAULT_CONDITION, Bank, BankItem
+from monitor.enrollment.files import embed_windows
+from monitor.errors import DatasetError
+from monitor.offline.dataset import Clip, scan_dataset
 from monitor.offline.dcase import Figures, machine_figures, official_score
-from monitor.offline.report import format_table, plot_machines, write_official_csv, write_results_json
+from monitor.offline.report import (
+    FUSED,
+    format_table,
+    plot_machines,
+    write_official_csv,
+    write_results_json,
+)
+from monitor.scoring.detector import Detector
+from monitor.scoring.ranking import fuse, self_rank
+from monitor.scoring.recording import score_recording
 
 log = logging.getLogger(__name__)
 
-FUSED = "fused"
-DEFAULT_CONDITION = "default"
 
 Progress = Callable[[int], None]
 
@@ -47,24 +54,18 @@ def clip_condition(clip: Clip) -> str:
     return clip.domain or DEFAULT_CONDITION
 
 
-def _embed_clips(detector: Detector, clips: Sequence[Clip], progress: Progress) -> list[Embedded]:
-    out = []
+def build_bank(detector: Detector, clips: Sequence[Clip], progress: Progress = lambda n: None) -> Bank:
+    """An in-memory bank of every window of the given clips (condition = the clip's domain),
+    made as enrollment makes one."""
+    items: list[BankItem] = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in detector.model_ids}
     for clip in clips:
-        out.append(detector.embed(load_audio(clip.path)))
+        clip_items, embeddings = embed_windows(detector, load_audio(clip.path), str(clip.path), clip_condition(clip))
+        items += clip_items
+        for name, emb in embeddings.items():
+            parts[name].append(emb)
         progress(1)
-    return out
-
-
-def build_bank(detector: Detector, clips: Sequence[Clip], embedded: Sequence[Embedded]) -> Bank:
-    """An in-memory bank of every window of the given clips (condition = the clip's domain)."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    items = [
-        BankItem(str(clip.path), start, clip_condition(clip), now)
-        for clip, emb in zip(clips, embedded)
-        for start in emb.starts
-    ]
-    stacked = {name: np.concatenate([e.embeddings[name] for e in embedded]) for name in detector.model_ids}
-    return Bank().add(items, stacked, detector.model_ids)
+    return Bank().add(items, {name: np.concatenate(v) for name, v in parts.items()}, detector.model_ids)
 
 
 def evaluate_machine(detector: Detector, machine: str, clips: Sequence[Clip], progress: Progress) -> MachineResult:
@@ -74,15 +75,16 @@ def evaluate_machine(detector: Detector, machine: str, clips: Sequence[Clip], pr
         raise DatasetError(f"machine {machine}: no normal training clips to enroll")
     if not test:
         raise DatasetError(f"machine {machine}: no test clips")
-    detector.fit(build_bank(detector, train, _embed_clips(detector, train, progress)))
+    detector.fit(build_bank(detector, train, progress))
     names = list(detector.model_ids)
     raw = {name: np.empty(len(test)) for name in names}
     decisions = np.zeros(len(test), dtype=bool)
-    for i, emb in enumerate(_embed_clips(detector, test, progress)):
-        scores = detector.score(emb.embeddings)
+    for i, clip in enumerate(test):
+        scores = score_recording(detector, clip.path).scores
         for name in names:
             raw[name][i] = scores.raw[name].max()
         decisions[i] = bool((scores.fused > detector.config.alerts.threshold).any())
+        progress(1)
     fused = fuse({n: self_rank(raw[n]) for n in names}, detector.weights, detector.config.fusion.rule)
     result = MachineResult(machine, list(test), raw, fused, decisions)
     labelled = [i for i, c in enumerate(test) if c.label is not None]

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from monitor.errors import ReportError
 from monitor.offline.dcase import auc, roc_curve
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 RESULTS_JSON = "results.json"
 FUSED = "fused"
@@ -28,10 +29,6 @@ FUSED = "fused"
 TABLE_DECIMALS = 3
 # Shared bin edges for normals and anomalies; test sets have tens to hundreds of clips per machine.
 HIST_BINS = 30
-
-
-class ReportError(ValueError):
-    """Inputs that cannot be written as a report."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -91,7 +88,7 @@ def write_official_csv(
     score_path, decision_path = out_dir / score_name, out_dir / decision_name
     _atomic_write_text(score_path, "".join(f"{b},{float(v)!r}\n" for b, v in zip(base, s, strict=True)))
     _atomic_write_text(decision_path, "".join(f"{b},{int(v)}\n" for b, v in zip(base, dec, strict=True)))
-    logger.info("wrote %s and %s (%d clips)", score_path, decision_path, len(base))
+    log.info("wrote %s and %s (%d clips)", score_path, decision_path, len(base))
     return score_path, decision_path
 
 
@@ -125,7 +122,7 @@ def write_results_json(out_dir: Path, results: Mapping[str, Any]) -> Path:
     """
     path = Path(out_dir) / RESULTS_JSON
     _atomic_write_text(path, to_json(results))
-    logger.info("wrote %s", path)
+    log.info("wrote %s", path)
     return path
 
 
@@ -153,7 +150,7 @@ def plot_machines(out_path: Path, per_machine: Mapping[str, Mapping[str, tuple[n
             for system, (labels, scores) in systems.items():
                 y = np.asarray(labels, dtype=bool)
                 if y.all() or not y.any():
-                    logger.warning("%s/%s: one class only, no ROC curve drawn", machine, system)
+                    log.warning("%s/%s: one class only, no ROC curve drawn", machine, system)
                     continue
                 fpr, tpr = roc_curve(y, scores)
                 roc_ax.plot(fpr, tpr, linewidth=2 if system == FUSED else 1.2,
@@ -177,7 +174,7 @@ def plot_machines(out_path: Path, per_machine: Mapping[str, Mapping[str, tuple[n
         fig.savefig(out_path, format="png", dpi=100)
     finally:
         plt.close(fig)
-    logger.info("wrote %s", out_path)
+    log.info("wrote %s", out_path)
     return out_path
 
 

@@ -27,7 +27,7 @@ import soundfile as sf
 
 from monitor.config import ClipsConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _SUFFIX = ".flac"
 # A clip is written under ".<name>.partial" and renamed when complete, so a clip file that
@@ -98,12 +98,12 @@ class ClipStore:
                 path = self._write(folder, f"{stamp}_{machine}", encoded)
             except OSError as exc:
                 return self._failed(f"cannot save clip in {folder}: {_describe(exc)}")
-            logger.info("saved clip %s (%d bytes)", path, len(encoded))
+            log.info("saved clip %s (%d bytes)", path, len(encoded))
             self._enforce_retention(keep=path)
         return SavedClip(path, None)
 
     def _failed(self, reason: str) -> SavedClip:
-        logger.warning("%s", reason)
+        log.warning("%s", reason)
         return SavedClip(None, reason)
 
     def _write(self, folder: Path, stem: str, encoded: bytes) -> Path:
@@ -152,17 +152,17 @@ class ClipStore:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
-                logger.warning("cannot delete old clip %s: %s", path, _describe(exc))
+                log.warning("cannot delete old clip %s: %s", path, _describe(exc))
                 continue
             count -= 1
             total -= size
-            logger.info("deleted old clip %s (retention: at most %d files, %g MB)", path, self.config.max_files, self.config.max_megabytes)
+            log.info("deleted old clip %s (retention: at most %d files, %g MB)", path, self.config.max_files, self.config.max_megabytes)
 
     def _remove_partials(self) -> None:
         """Remove clips left half-written by a crash; retention does not count them, so they would stay forever."""
         for partial in self.directory.glob(f"*/.*{_PARTIAL_SUFFIX}"):
             try:
                 partial.unlink()
-                logger.info("removed half-written clip %s", partial)
+                log.info("removed half-written clip %s", partial)
             except OSError as exc:
-                logger.warning("cannot remove half-written clip %s: %s", partial, _describe(exc))
+                log.warning("cannot remove half-written clip %s: %s", partial, _describe(exc))

@@ -27,7 +27,7 @@ import numpy as np
 
 from monitor.outputs.messages import iso_time
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -84,7 +84,7 @@ class EventLog:
             try:
                 self._append(line)
             except OSError as exc:
-                logger.warning("event log %s: cannot write %s event: %s", self.path, kind, exc.strerror or exc)
+                log.warning("event log %s: cannot write %s event: %s", self.path, kind, exc.strerror or exc)
                 return False
         return True
 
@@ -129,7 +129,7 @@ class EventLog:
         try:
             file.truncate(start)
         except OSError as exc:
-            logger.warning("event log %s: cannot remove a partly written line: %s", self.path, exc.strerror or exc)
+            log.warning("event log %s: cannot remove a partly written line: %s", self.path, exc.strerror or exc)
         finally:
             file.close()
 
@@ -145,5 +145,5 @@ class EventLog:
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        logger.info("event log %s rotated", self.path)
+        log.info("event log %s rotated", self.path)
         return self._open()

@@ -1,4 +1,6 @@
-"""Messages the daemon sends to the plant: versioned JSON payloads and their MQTT topics.
+"""Messages the daemon sends to the plant: versioned JSON payloads, their MQTT topics, and the
+vocabulary they speak (machine states, window statuses, alert types), which every other module
+imports from here.
 
 Subscribers parse these, so field names and meanings only change with the schema version.
 Times are ISO 8601 UTC with milliseconds.
@@ -9,13 +11,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Literal, get_args
 
 ALERT_SCHEMA = "asd.alert/1"
 SCORE_SCHEMA = "asd.score/1"
 STATE_SCHEMA = "asd.state/1"
 ONLINE = "online"
 OFFLINE = "offline"
+
+MachineState = Literal["normal", "alert", "sensor_fault", "idle", "starting", "enrolling"]
+MACHINE_STATES: tuple[str, ...] = get_args(MachineState)
+WindowStatus = Literal["ok", "sensor_fault", "idle"]  # of a window that was handled
+WINDOW_STATUSES: tuple[str, ...] = get_args(WindowStatus)
+AlertType = Literal["raise", "clear"]
+ALERT_TYPES: tuple[str, ...] = get_args(AlertType)
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -28,13 +37,20 @@ class BackboneScore:
     rank: float  # share of the reference below it, in [0, 1]
 
 
+class _Payload:
+    """A message that goes out as compact, sorted JSON (NaN refused: subscribers parse it)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 @dataclass(frozen=True)
-class AlertEvent:
+class AlertEvent(_Payload):
     """A raise or a clear. Both carry the episode's ``event_id``, so a subscriber can pair them
     and drop duplicates (delivery is at least once)."""
 
     event_id: str
-    type: Literal["raise", "clear"]
+    type: AlertType
     site: str
     machine: str
     start: str  # first anomalous window's start (raise) / the episode's start (clear)
@@ -47,47 +63,34 @@ class AlertEvent:
     clip_error: str | None = None  # why no clip was saved (disk full, disabled, ...)
     schema: str = ALERT_SCHEMA
 
-    def to_json(self) -> str:
-        return _dumps(asdict(self))
-
 
 @dataclass(frozen=True)
-class ScoreMessage:
+class ScoreMessage(_Payload):
     """Per-window score (QoS 0: a lost one is harmless, the next comes in ``hop`` seconds)."""
 
     site: str
     machine: str
     start: str
     end: str
-    status: Literal["ok", "sensor_fault", "idle"]
+    status: WindowStatus
     fused_rank: float | None
     anomalous: bool
     backbones: dict[str, BackboneScore] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
     schema: str = SCORE_SCHEMA
 
-    def to_json(self) -> str:
-        return _dumps(asdict(self))
-
 
 @dataclass(frozen=True)
-class StateMessage:
+class StateMessage(_Payload):
     """A machine's current state, retained so a new subscriber learns it at once."""
 
     site: str
     machine: str
-    state: Literal["normal", "alert", "sensor_fault", "idle", "starting", "enrolling"]
+    state: MachineState
     since: str
     detail: str = ""
     event_id: str | None = None  # the open alert's id while state == "alert"
     schema: str = STATE_SCHEMA
-
-    def to_json(self) -> str:
-        return _dumps(asdict(self))
-
-
-def _dumps(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,13 @@ class Topics:
 
     def commands(self) -> str:
         return f"{self.prefix}/{self.site}/+/cmd/#"
+
+    def command_machine(self, topic: str) -> str | None:
+        """The machine an enrollment command topic (``<prefix>/<site>/<machine>/cmd/enroll``)
+        is for; None for any other topic."""
+        head = f"{self.prefix}/{self.site}/"
+        parts = topic[len(head):].split("/") if topic.startswith(head) else []
+        return parts[0] if len(parts) == 3 and parts[0] and parts[1:] == ["cmd", "enroll"] else None
 
     def reply(self, machine: str) -> str:
         """Replies to commands (outside ``cmd/`` so the daemon never receives its own)."""

@@ -38,13 +38,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from monitor.outputs import messages
 from monitor.config import MqttConfig
+from monitor.errors import MqttConfigError, OutboxError
+from monitor.outputs import messages
 from monitor.outputs.messages import Topics
-from monitor.outputs.outbox import Outbox, OutboxError, OutboxMessage
+from monitor.outputs.outbox import Outbox, OutboxMessage
 
-logger = logging.getLogger(__name__)
-_paho_logger = logging.getLogger(f"{__name__}.paho")
+log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")
 
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 60
@@ -57,28 +58,26 @@ OUTBOX_RETRY_SECONDS = 5.0
 _BAD_USERNAME_OR_PASSWORD, _NOT_AUTHORIZED = 0x86, 0x87
 
 
-class MqttConfigError(ValueError):
-    """The MQTT settings cannot be used (password source, TLS files); one line naming which."""
-
-
 class Publisher:
     """The daemon's MQTT connection: reliable delivery from the outbox, volatile scores,
     availability, and commands.
 
-    ``on_connection_change`` (called with True/False from paho's thread) and the counters
-    ``published_total`` (reliable messages acknowledged plus volatile messages sent) and
-    ``dropped_volatile_total`` are there for the daemon's metrics. ``on_command(topic, payload)``
-    runs on paho's network thread: it must hand the command over and return quickly, since no
-    PUBACK is processed meanwhile.
+    Hooks, set before ``start``: ``on_connection_change`` (True/False, from paho's thread) and
+    ``on_published`` (once per message delivered: a reliable one acknowledged or a volatile one
+    sent) feed the daemon's metrics, as do the counters ``published_total`` and
+    ``dropped_volatile_total``. ``on_command(topic, payload)``, when set, subscribes to the
+    command topics; it runs on paho's network thread, so it must hand the command over and
+    return quickly, since no PUBACK is processed meanwhile.
     """
 
     def __init__(self, config: MqttConfig, topics: Topics, outbox: Outbox, on_command: Callable[[str, bytes], None] | None = None) -> None:
         self._config = config
         self._topics = topics
         self._outbox = outbox
-        self._on_command = on_command
+        self.on_command = on_command
         self._broker = f"{config.host}:{config.port}"
         self.on_connection_change: Callable[[bool], None] | None = None
+        self.on_published: Callable[[], None] | None = None
         self.published_total = 0
         self.dropped_volatile_total = 0
         self._counter_lock = threading.Lock()  # volatile publishes and deliveries run on different threads
@@ -127,7 +126,7 @@ class Publisher:
         broker is logged and retried, never raised: monitoring must start without it."""
         if self._thread is not None:
             raise RuntimeError("Publisher.start: already started (a Publisher is single-use)")
-        logger.info("MQTT: connecting to %s as %s (%d message(s) waiting in the outbox)", self._broker, self._client_id, len(self._outbox))
+        log.info("MQTT: connecting to %s as %s (%d message(s) waiting in the outbox)", self._broker, self._client_id, len(self._outbox))
         self._client.connect_async(self._config.host, self._config.port, self._config.keepalive)
         self._client.loop_start()
         self._thread = threading.Thread(target=self._deliver_forever, name="mqtt-delivery", daemon=True)
@@ -157,9 +156,9 @@ class Publisher:
         self._client.loop_stop()
         left = len(self._outbox)
         if left:
-            logger.warning("MQTT: stopped with %d message(s) undelivered; they stay in the outbox %s for the next start", left, self._outbox.path)
+            log.warning("MQTT: stopped with %d message(s) undelivered; they stay in the outbox %s for the next start", left, self._outbox.path)
         else:
-            logger.info("MQTT: stopped, outbox empty")
+            log.info("MQTT: stopped, outbox empty")
 
     def publish_reliable(self, topic: str, payload: str, retain: bool = False) -> None:
         """Store the message in the outbox; the delivery thread sends it in order, QoS 1, at
@@ -172,10 +171,10 @@ class Publisher:
     def publish_volatile(self, topic: str, payload: str) -> bool:
         """Send now with QoS 0, or drop (returning False) while disconnected; never queued."""
         sent = self._connected and self._client.publish(topic, payload, qos=0).rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-        with self._counter_lock:
-            if sent:
-                self.published_total += 1
-            else:
+        if sent:
+            self._count_published()
+        else:
+            with self._counter_lock:
                 self.dropped_volatile_total += 1
         return sent
 
@@ -200,10 +199,10 @@ class Publisher:
                     self._deliver(message)
             except OutboxError as exc:
                 # A disk error must not end delivery for good: the messages are still on disk.
-                logger.error("MQTT: %s; retrying in %.0f s", exc, OUTBOX_RETRY_SECONDS)
+                log.error("MQTT: %s; retrying in %.0f s", exc, OUTBOX_RETRY_SECONDS)
                 self._pause()
             except Exception:  # the thread must outlive any bug: alerts are waiting behind it
-                logger.exception("MQTT: delivery failed; retrying in %.0f s", OUTBOX_RETRY_SECONDS)
+                log.exception("MQTT: delivery failed; retrying in %.0f s", OUTBOX_RETRY_SECONDS)
                 self._pause()
 
     def _pause(self) -> None:
@@ -238,8 +237,7 @@ class Publisher:
         if not acked:
             return  # stopping, or sent again by the next round
         self._outbox.ack(message.id)
-        with self._counter_lock:
-            self.published_total += 1
+        self._count_published()
         with self._cond:
             self._cond.notify_all()  # wait_idle
 
@@ -258,7 +256,7 @@ class Publisher:
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    logger.warning("MQTT: no PUBACK from %s for outbox message %d on %s within %.0f s; sending it again", self._broker, message.id, message.topic, PUBACK_TIMEOUT_SECONDS)
+                    log.warning("MQTT: no PUBACK from %s for outbox message %d on %s within %.0f s; sending it again", self._broker, message.id, message.topic, PUBACK_TIMEOUT_SECONDS)
                     return False
                 self._cond.wait(remaining)
             self._acked_mids.discard(mid)
@@ -269,12 +267,12 @@ class Publisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, reason_code: ReasonCode, properties: Any) -> None:
         if reason_code.is_failure:
             hint = " (check mqtt.username and the password)" if reason_code.value in (_BAD_USERNAME_OR_PASSWORD, _NOT_AUTHORIZED) else ""
-            logger.error("MQTT: broker %s refused the connection: %s%s; retrying with backoff up to %d s", self._broker, reason_code, hint, RECONNECT_MAX_SECONDS)
+            log.error("MQTT: broker %s refused the connection: %s%s; retrying with backoff up to %d s", self._broker, reason_code, hint, RECONNECT_MAX_SECONDS)
             return
         client.publish(self._topics.status(), messages.ONLINE, qos=1, retain=True)
-        if self._on_command is not None:
+        if self.on_command is not None:
             client.subscribe(self._topics.commands(), qos=1)
-        logger.info("MQTT: connected to %s (%d message(s) waiting in the outbox)", self._broker, len(self._outbox))
+        log.info("MQTT: connected to %s (%d message(s) waiting in the outbox)", self._broker, len(self._outbox))
         self._unreachable_logged = False
         with self._cond:
             self._connected = True
@@ -285,12 +283,12 @@ class Publisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # Logged once per outage: with a 60 s backoff a warning a minute for days is noise.
         if self._unreachable_logged:
-            logger.debug("MQTT: still cannot connect to %s", self._broker)
+            log.debug("MQTT: still cannot connect to %s", self._broker)
             return
         self._unreachable_logged = True
         # paho does not pass on why: say what it can be.
         causes = "broker down or unreachable, or the TLS handshake failed" if self._config.tls.enabled else "broker down or unreachable"
-        logger.warning("MQTT: cannot connect to %s (%s); retrying with backoff up to %d s, reliable messages wait in the outbox", self._broker, causes, RECONNECT_MAX_SECONDS)
+        log.warning("MQTT: cannot connect to %s (%s); retrying with backoff up to %d s, reliable messages wait in the outbox", self._broker, causes, RECONNECT_MAX_SECONDS)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode, properties: Any) -> None:
         with self._cond:
@@ -300,9 +298,9 @@ class Publisher:
         if not was_connected:
             return  # a refused or failed attempt, already logged
         if self._stopping:
-            logger.info("MQTT: disconnected from %s", self._broker)
+            log.info("MQTT: disconnected from %s", self._broker)
         else:
-            logger.warning("MQTT: lost connection to %s (%s); reconnecting with backoff up to %d s", self._broker, reason_code, RECONNECT_MAX_SECONDS)
+            log.warning("MQTT: lost connection to %s (%s); reconnecting with backoff up to %d s", self._broker, reason_code, RECONNECT_MAX_SECONDS)
         self._notify_connection(False)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any) -> None:
@@ -318,15 +316,24 @@ class Publisher:
         # would then never arrive, with nothing else to say so.
         for code in reason_codes:
             if code.is_failure:
-                logger.error("MQTT: broker %s refused the subscription to %s: %s", self._broker, self._topics.commands(), code)
+                log.error("MQTT: broker %s refused the subscription to %s: %s", self._broker, self._topics.commands(), code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self._on_command is None:
+        if self.on_command is None:
             return
         try:
-            self._on_command(message.topic, message.payload)
+            self.on_command(message.topic, message.payload)
         except Exception:  # a faulty handler must not kill paho's network thread
-            logger.exception("MQTT: command handler failed for a message on %s", message.topic)
+            log.exception("MQTT: command handler failed for a message on %s", message.topic)
+
+    def _count_published(self) -> None:
+        with self._counter_lock:
+            self.published_total += 1
+        if self.on_published is not None:
+            try:
+                self.on_published()
+            except Exception:  # a faulty metrics hook must not stop delivery
+                log.exception("MQTT: on_published failed")
 
     def _notify_connection(self, connected: bool) -> None:
         if self.on_connection_change is None:
@@ -334,14 +341,14 @@ class Publisher:
         try:
             self.on_connection_change(connected)
         except Exception:  # a faulty metrics hook must not kill paho's network thread
-            logger.exception("MQTT: on_connection_change(%s) failed", connected)
+            log.exception("MQTT: on_connection_change(%s) failed", connected)
 
 
 def _on_paho_log(client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
     # paho's own messages are protocol detail, logged at DEBUG whatever paho calls them: it
     # reports every clean stop and every retry as an ERROR ("Client is not connected"). What an
     # operator needs (connected, refused, lost, unreachable) is logged by the callbacks above.
-    _paho_logger.debug("paho: %s", text)
+    _paho_log.debug("paho: %s", text)
 
 
 def _read_password(config: MqttConfig) -> str | None:

@@ -29,7 +29,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from monitor.errors import OutboxError, OutboxFull
+
+log = logging.getLogger(__name__)
 
 # PRAGMA user_version of an outbox database; anything else is not ours and is left untouched.
 FORMAT_VERSION = 1
@@ -55,14 +57,6 @@ ORDER BY id LIMIT 1
 """
 # ``id < ?`` excludes the message being put: it is not traded for itself.
 _OLDEST_RETAINED = "SELECT id, topic FROM outbox WHERE retain = 1 AND id < ? ORDER BY id LIMIT 1"
-
-
-class OutboxError(RuntimeError):
-    """The outbox database cannot be used (corrupt, not an outbox, locked, disk error)."""
-
-
-class OutboxFull(OutboxError):
-    """The outbox is full of alerts: accepting another would mean dropping an alert."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +189,7 @@ class Outbox:
         self._db.execute("DELETE FROM outbox WHERE id = ?", (row[0],))
         self.dropped_total += 1
         counts = dict(self._db.execute("SELECT retain, COUNT(*) FROM outbox GROUP BY retain").fetchall())
-        logger.warning(
+        log.warning(
             "outbox %s full (max_messages %d): dropped message %d for %s (%s); waiting now: %d alerts, %d retained, %d dropped in total",
             self.path, self.max_messages, row[0], row[1], why, counts.get(0, 0), counts.get(1, 0), self.dropped_total,
         )

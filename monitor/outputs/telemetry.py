@@ -18,28 +18,37 @@ import threading
 from collections.abc import Iterable, Mapping
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
 
 from monitor import __version__
-from monitor.outputs.messages import BackboneScore
+from monitor.audio.sensor import FAULTS
+from monitor.errors import TelemetryError
+from monitor.outputs.messages import (
+    ALERT_TYPES,
+    MACHINE_STATES,
+    WINDOW_STATUSES,
+    BackboneScore,
+)
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-WINDOW_STATUSES = ("ok", "sensor_fault", "idle", "dropped")
-ALERT_TYPES = ("raise", "clear")
-SENSOR_FAULTS = ("silence", "low_level", "clipping", "nonfinite", "dropout", "device")
+# A window is handled (messages.WINDOW_STATUSES) or dropped unhandled when processing fell behind.
+WINDOW_COUNTS = (*WINDOW_STATUSES, "dropped")
 ENROLLMENT_RESULTS = ("accepted", "sensor_fault", "outlier", "idle")
-MACHINE_STATES = ("normal", "alert", "sensor_fault", "idle", "starting", "enrolling")
 
 # One backbone on one window: a DSP feature takes milliseconds, a CNN on a slow CPU seconds.
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # End of a window's audio to its result published: all backbones plus queueing; with the
 # default 10 s hop, anything near or above the hop means the daemon is falling behind.
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
-
-
-class TelemetryError(RuntimeError):
-    """The metrics endpoint cannot be served; the message is one line naming host:port."""
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -127,11 +136,11 @@ class Telemetry:
         A counter that appears only at its first increment hides that increment from
         ``rate()`` and ``increase()``, so the first sensor fault or alert would go unseen.
         """
-        for status in WINDOW_STATUSES:
+        for status in WINDOW_COUNTS:
             self._windows.labels(machine, status)
         for kind in ALERT_TYPES:
             self._alerts.labels(machine, kind)
-        for fault in SENSOR_FAULTS:
+        for fault in FAULTS:
             self._faults.labels(machine, fault)
         self._dropped.labels(machine)
         self._enrollment_progress.labels(machine).set(0)
@@ -151,7 +160,7 @@ class Telemetry:
 
     def window(self, machine: str, status: str) -> None:
         """Count one window; ``dropped`` also counts in ``asd_windows_dropped_total``."""
-        _check(status, WINDOW_STATUSES, "window status")
+        _check(status, WINDOW_COUNTS, "window status")
         self._windows.labels(machine, status).inc()
         if status == "dropped":
             self._dropped.labels(machine).inc()
@@ -186,7 +195,7 @@ class Telemetry:
         self._overflows.labels(source).inc(count)
 
     def sensor_fault(self, machine: str, fault: str) -> None:
-        _check(fault, SENSOR_FAULTS, "sensor fault")
+        _check(fault, FAULTS, "sensor fault")
         self._faults.labels(machine, fault).inc()
 
     def set_bank(self, machine: str, version: str, embeddings: Mapping[str, int]) -> None:
@@ -235,7 +244,7 @@ class Telemetry:
             raise TelemetryError(f"cannot serve metrics on {_endpoint(host, port)}: {reason}") from exc
         self._server, self._thread = server, thread
         self._endpoint = _endpoint(host, server.server_port)
-        logger.info("serving metrics on http://%s/metrics", self._endpoint)
+        log.info("serving metrics on http://%s/metrics", self._endpoint)
         return server, thread
 
     def stop(self) -> None:
@@ -247,4 +256,4 @@ class Telemetry:
         server.server_close()
         thread.join(timeout=5.0)
         self._server = self._thread = None
-        logger.info("metrics endpoint %s stopped", self._endpoint)
+        log.info("metrics endpoint %s stopped", self._endpoint)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
 
 from monitor.audio.files import Audio, fit_windows, resample
+from monitor.errors import BackboneError
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)
@@ -22,13 +24,10 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 if hasattr(ort, "disable_telemetry_events"):
     ort.disable_telemetry_events()  # nothing leaves the box unasked (onnxruntime >= 1.17 may upload usage events)
-PROVIDERS = ("auto", "cpu", "cuda")
+Provider = Literal["auto", "cpu", "cuda"]
+PROVIDERS: tuple[str, ...] = get_args(Provider)
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-
-
-class BackboneError(ValueError):
-    """A backbone cannot be found, loaded or run as asked."""
 
 
 def builtin_names() -> list[str]:

@@ -1,8 +1,10 @@
-"""The scoring path shared by ``score``, ``evaluate`` and the daemon.
+"""The scoring path shared by the daemon, ``score`` and ``evaluate``.
 
-Backbones turn audio into embeddings; a fitted detector turns embeddings into per-backbone
-KNN distances, ranks them within each backbone's anchored reference (the bank's own
-leave-one-out distances, i.e. what normal audio scores) and fuses the ranks.
+Backbones turn audio into embeddings (``embed``); a detector fitted on a bank turns embeddings
+into per-backbone KNN distances, ranks each within its backbone's reference and fuses the
+ranks (``score``). Offline the reference is the bank's own leave-one-out distances; the daemon
+passes each machine's rolling references instead (``monitor.scoring.live``). Either way the
+same ``score`` computes every figure.
 """
 
 from __future__ import annotations
@@ -14,25 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitor.audio.files import Audio
-from monitor.scoring.backbone import Backbone, BackboneError
-from monitor.bank.store import Bank
+from monitor.audio.files import Audio, fit_windows, resample
+from monitor.bank.model import Bank
 from monitor.config import Config
-from monitor.scoring.ranking import fuse, rank_ratio
+from monitor.errors import BackboneError
+from monitor.scoring.backbone import Backbone
 from monitor.scoring.idle import IdleDetector, noise_rows
 from monitor.scoring.knn import KnnScorer
+from monitor.scoring.ranking import RankReference, fuse
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Scores of a batch of windows: raw distance and rank per backbone, and the fused rank."""
-
-    raw: dict[str, np.ndarray]
-    ranks: dict[str, np.ndarray]
-    fused: np.ndarray
-    conditions: list[str]  # nearest enrolled condition per window (by the heaviest backbone)
 
 
 @dataclass(frozen=True)
@@ -41,6 +34,19 @@ class Embedded:
 
     embeddings: dict[str, np.ndarray]
     starts: list[float]
+    inference_seconds: dict[str, float]  # per backbone, for all windows together
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Scores of a batch of windows: raw distance and rank per backbone, the fused rank, the
+    nearest enrolled condition, and whether the machine sounded stopped (idle)."""
+
+    raw: dict[str, np.ndarray]
+    ranks: dict[str, np.ndarray]
+    fused: np.ndarray
+    conditions: list[str]  # nearest enrolled condition per window (by the heaviest backbone)
+    idle: np.ndarray  # bool per window; all False without enrolled site noise
 
 
 class Detector:
@@ -58,15 +64,21 @@ class Detector:
         self.weights = {b.name: spec.weight for b, spec in zip(backbones, config.backbones)}
         self.metrics = {b.name: spec.metric or config.scoring.metric for b, spec in zip(backbones, config.backbones)}
         self._knn: dict[str, KnnScorer] = {}
-        self.last_inference_seconds: dict[str, float] = {}
-        self._reference: dict[str, np.ndarray] = {}
+        self._anchored: dict[str, RankReference] = {}
         self._idle: IdleDetector | None = None
         self.bank: Bank | None = None
 
     @classmethod
-    def from_config(cls, config: Config) -> Detector:
+    def from_config(cls, config: Config | None = None) -> Detector:
+        """Load the configured backbones (the built-in default without a config)."""
+        config = config if config is not None else Config()
         rt = config.runtime
         return cls([Backbone.load(b.model, rt.provider, rt.threads) for b in config.backbones], config)
+
+    def unfitted(self) -> Detector:
+        """A new detector on the same loaded backbones, to fit on another bank (the sessions
+        are shared: each machine of the daemon fits its own bank without loading models)."""
+        return Detector(self.backbones, self.config)
 
     @property
     def window_seconds(self) -> float:
@@ -86,20 +98,41 @@ class Detector:
     def model_ids(self) -> dict[str, str]:
         return {b.name: b.meta.model_id for b in self.backbones}
 
+    @property
+    def idle_detector(self) -> IdleDetector | None:
+        """Fitted from the bank's site noise; None when none is enrolled."""
+        return self._idle
+
     def embed(self, audio: Audio, hop_seconds: float | None = None) -> Embedded:
-        """Embed every window of ``audio`` with every backbone (see ``monitor.audio.files``)."""
+        """Embed every window of ``audio`` with every backbone (see ``monitor.audio.files``).
+
+        The audio is resampled and cut once per backbone rate; backbones at the same rate share
+        the windows. ``hop_seconds`` defaults to the window length (no overlap).
+        """
+        cuts: dict[tuple[int, int, int | None], tuple[np.ndarray, list[float]]] = {}
+        resampled: dict[int, np.ndarray] = {}
         embeddings: dict[str, np.ndarray] = {}
+        seconds: dict[str, float] = {}
         starts: list[float] | None = None
         for backbone in self.backbones:
-            windows, backbone_starts = backbone.windows_of(audio, hop_seconds)
+            meta = backbone.meta
+            key = (meta.sample_rate, meta.window_samples, meta.min_samples)
+            if key not in cuts:
+                rate = meta.sample_rate
+                if rate not in resampled:
+                    resampled[rate] = resample(audio.samples, audio.sample_rate, rate)
+                hop = meta.window_samples if hop_seconds is None else max(1, int(round(hop_seconds * rate)))
+                windows, offsets = fit_windows(resampled[rate], meta.window_samples, hop, meta.min_samples)
+                cuts[key] = windows, [s / rate for s in offsets]
+            windows, backbone_starts = cuts[key]
             if starts is not None and len(backbone_starts) != len(starts):
                 raise BackboneError(f"{audio.source}: backbones cut different numbers of windows")
             starts = backbone_starts
             began = time.perf_counter()
             embeddings[backbone.name] = backbone.embed(windows)
-            self.last_inference_seconds[backbone.name] = time.perf_counter() - began
+            seconds[backbone.name] = time.perf_counter() - began
         assert starts is not None
-        return Embedded(embeddings, starts)
+        return Embedded(embeddings, starts, seconds)
 
     def fit(self, bank: Bank) -> None:
         """Index ``bank`` and compute each backbone's anchored reference.
@@ -122,12 +155,11 @@ class Detector:
         running_conditions = [conditions[i] for i in running]
         scoring = self.config.scoring
         for backbone in self.backbones:
-            metric = self.metrics[backbone.name]
             embeddings = bank.embeddings[backbone.name]
-            knn = KnnScorer(embeddings[running], running_conditions, metric, scoring.k, scoring.shrinkage,
-                            scoring.index)
+            knn = KnnScorer(embeddings[running], running_conditions, self.metrics[backbone.name], scoring.k,
+                            scoring.shrinkage, scoring.index)
             self._knn[backbone.name] = knn
-            self._reference[backbone.name] = knn.leave_one_out(max_rows=scoring.reference_max_windows)
+            self._anchored[backbone.name] = RankReference(knn.leave_one_out(max_rows=scoring.reference_max_windows))
         lead = self.lead_backbone
         self._idle = None if not len(noise) else IdleDetector(
             bank.embeddings[lead][running], bank.embeddings[lead][noise], scoring.k, scoring.idle_margin)
@@ -135,36 +167,27 @@ class Detector:
         log.info("detector fitted on bank %s: %d windows, conditions %s", bank.version or "(in memory)",
                  len(bank), ",".join(bank.conditions))
 
-    @property
-    def idle_detector(self) -> IdleDetector | None:
-        """Fitted from the bank's site noise; None when none is enrolled."""
-        return self._idle
-
-    def idle(self, embeddings: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Per window: True when it sounds like the site with the machine stopped (judged
-        by the heaviest backbone; all False without enrolled site noise)."""
-        if self._idle is None:
-            return np.zeros(len(next(iter(embeddings.values()))), dtype=bool)
-        return self._idle.is_idle(embeddings[self.lead_backbone])
-
     def reference(self, name: str) -> np.ndarray:
-        return self._reference[name]
+        """The bank's leave-one-out distances of one backbone (finite, sorted)."""
+        return self._anchored[name].anchored
 
-    def raw_scores(self, embeddings: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-        """KNN distances per backbone, and the nearest condition by the heaviest backbone."""
+    def rolling_references(self, rolling_size: int) -> dict[str, RankReference]:
+        """Fresh live references: the anchored part plus room for ``rolling_size`` recent windows."""
+        return {name: RankReference(ref.anchored, rolling_size) for name, ref in self._anchored.items()}
+
+    def score(self, embeddings: Mapping[str, np.ndarray],
+              references: Mapping[str, RankReference] | None = None) -> Scores:
+        """Score windows: KNN distance per backbone, its rank within ``references`` (default:
+        the bank's leave-one-out distances), the fused rank, nearest condition and idle flag."""
         if not self._knn:
             raise RuntimeError("Detector.fit must be called before scoring")
+        references = self._anchored if references is None else references
         raw, conditions = {}, {}
         for name, knn in self._knn.items():
             raw[name], conditions[name] = knn.score_with_conditions(embeddings[name])
-        return raw, conditions[self.lead_backbone]
-
-    def fuse(self, ranks: Mapping[str, np.ndarray]) -> np.ndarray:
-        return fuse(ranks, self.weights, self.config.fusion.rule)
-
-    def score(self, embeddings: Mapping[str, np.ndarray]) -> Scores:
-        """Scores ranked against the anchored reference only (offline use; the daemon ranks
-        against its rolling reference instead)."""
-        raw, conditions = self.raw_scores(embeddings)
-        ranks = {name: rank_ratio(self._reference[name], values) for name, values in raw.items()}
-        return Scores(raw, ranks, self.fuse(ranks), conditions)
+        ranks = {name: np.asarray(references[name].rank(values)) for name, values in raw.items()}
+        fused = fuse(ranks, self.weights, self.config.fusion.rule)
+        lead = self.lead_backbone
+        idle = (self._idle.is_idle(embeddings[lead]) if self._idle is not None
+                else np.zeros(len(raw[lead]), dtype=bool))
+        return Scores(raw, ranks, fused, conditions[lead], idle)

@@ -63,13 +63,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import faiss
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from monitor.errors import KnnError
 
-METRICS = ('cosine', 'euclidean', 'std-euclidean', 'mahalanobis')
+log = logging.getLogger(__name__)
+
+Metric = Literal['cosine', 'euclidean', 'std-euclidean', 'mahalanobis']
+METRICS: tuple[str, ...] = get_args(Metric)
 WHITENED = ('std-euclidean', 'mahalanobis')
 
 # A dimension's std is floored at this fraction of the largest std, so that a
@@ -81,15 +85,12 @@ _STD_FLOOR = 1e-8
 LOO_FOLDS = 10
 
 # Index choice per condition sub-bank (see the module docstring for the measurements).
-INDEX_TYPES = ('auto', 'flat', 'hnsw')
+IndexType = Literal['auto', 'flat', 'hnsw']
+INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
 AUTO_HNSW_MIN_SIZE = 100_000  # auto: HNSW from this many embeddings in a condition, flat below
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40  # faiss's default
 HNSW_EF_SEARCH = 256  # candidates kept while searching (raised to k when k is larger)
-
-
-class KnnError(ValueError):
-    """Invalid bank, query or parameter for KNN scoring."""
 
 
 class KnnScorer:
@@ -145,7 +146,7 @@ class KnnScorer:
             self._group_of[members] = g
         self._kinds = tuple(self._index_kind(members.size) for members in self._groups)
         self._indexes = self._build_indexes(self._prepare(bank, self._transform), self._kinds)
-        logger.debug(
+        log.debug(
             "KNN bank: %d embeddings, dim %d, metric %s, k %d, conditions %s",
             bank.shape[0], bank.shape[1], metric, self._k,
             {name: (members.size, kind) for name, members, kind in zip(self._names, self._groups, self._kinds)},
@@ -227,7 +228,7 @@ class KnnScorer:
         an HNSW index (see the module docstring). The cost is quadratic in the
         bank size; ``max_rows`` bounds it: only that many rows, evenly spread
         over the bank, are scored (exactly, against all the others) and the
-        rest are nan, which ``fusion.rank_ratio`` and ``RollingReference`` skip.
+        rest are nan, which ``ranking.rank_ratio`` and ``RankReference`` skip.
         """
         n = len(self)
         if n == 1:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from monitor.errors import ModelMetadataError
+
 PREFIX = "asd."
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class ModelMetadataError(ValueError):
-    """An ONNX file lacks the metadata this project writes, or holds an impossible value."""
 
 
 @dataclass(frozen=True)

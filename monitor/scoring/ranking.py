@@ -1,43 +1,96 @@
-"""Rank fusion: combining backbones whose raw distances live on unrelated scales.
+"""Ranks: making backbones whose raw distances live on unrelated scales comparable, and fusing them.
 
 A cosine distance of 0.02 from one backbone and a Euclidean distance of 40 from another cannot
 be added. Each score is first turned into its rank within a reference set of scores of the same
 backbone (a number in [0, 1]: the share of the reference below it), and ranks are combined.
-Offline, the reference is the test set itself (the method's transductive rank fusion); live, it
-is the enrolled bank's leave-one-out scores plus recent non-alarming windows.
+
+The reference (``RankReference``) has two parts:
+
+* anchored: the bank's leave-one-out distances (what enrolled normal audio scores against the
+  rest of the bank). Never evicted, so a slow drift can never redefine "normal".
+* rolling (live only): distances of recent clearly normal windows, bounded. It lets the
+  reference follow the room (a neighbouring machine switched on) without learning faults; the
+  daemon decides which windows are clearly normal (``monitor.service.pipeline``).
+
+Offline evaluation also ranks each backbone's clip scores within the test set itself
+(``self_rank``: the method's transductive rank fusion).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 import numpy as np
 
-RULES = ("mean", "max")
+from monitor.errors import RankingError
+
+FusionRule = Literal["mean", "max"]
+RULES: tuple[str, ...] = get_args(FusionRule)
 
 
-class FusionError(ValueError):
-    """Fusion asked for with unknown rules, weights or backbones."""
+def _twice_below(sorted_reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per value: twice the count of reference values below it plus the count equal to it.
+
+    Counting ties half (mid-rank) keeps a score equal to every reference value at 0.5, not at
+    0 or 1. Integers, so counts from several sorted parts add up exactly.
+    """
+    return np.searchsorted(sorted_reference, values, "left") + np.searchsorted(sorted_reference, values, "right")
+
+
+def _finite_sorted(values: np.ndarray) -> np.ndarray:
+    values = np.sort(np.asarray(values, dtype=np.float64))
+    return values[np.isfinite(values)]
 
 
 def rank_ratio(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Share of ``reference`` below each score, ties counted half (mid-rank), in [0, 1].
-
-    Counting ties half keeps a score equal to every reference value at 0.5, not at 0 or 1.
-    """
-    ref = np.sort(np.asarray(reference, dtype=np.float64))
-    ref = ref[np.isfinite(ref)]
+    """Share of ``reference`` below each score, ties counted half, in [0, 1]; non-finite
+    reference values are skipped."""
+    ref = _finite_sorted(reference)
     if ref.size == 0:
-        raise FusionError("rank reference is empty")
-    values = np.asarray(scores, dtype=np.float64)
-    below = np.searchsorted(ref, values, side="left")
-    at_or_below = np.searchsorted(ref, values, side="right")
-    return (below + at_or_below) / (2.0 * ref.size)
+        raise RankingError("rank reference is empty")
+    return _twice_below(ref, np.asarray(scores, dtype=np.float64)) / (2.0 * ref.size)
 
 
 def self_rank(scores: np.ndarray) -> np.ndarray:
     """Rank of each score within the set itself (the offline, transductive reference)."""
     return rank_ratio(scores, scores)
+
+
+class RankReference:
+    """One backbone's reference: anchored leave-one-out distances plus, live, a bounded window
+    of recent normal distances (``rolling_size`` 0: anchored only, as offline)."""
+
+    def __init__(self, anchored: np.ndarray, rolling_size: int = 0) -> None:
+        self._anchored = _finite_sorted(anchored)
+        if self._anchored.size == 0:
+            raise RankingError("rank reference: the bank gave no finite leave-one-out score")
+        self._rolling: deque[float] = deque(maxlen=rolling_size)
+
+    def __len__(self) -> int:
+        return self._anchored.size + len(self._rolling)
+
+    @property
+    def anchored(self) -> np.ndarray:
+        return self._anchored
+
+    @property
+    def rolling_count(self) -> int:
+        return len(self._rolling)
+
+    def rank(self, scores: np.ndarray | float) -> np.ndarray:
+        """Share of the reference below each score, ties counted half (same shape as ``scores``)."""
+        values = np.asarray(scores, dtype=np.float64)
+        twice = _twice_below(self._anchored, values)
+        if self._rolling:
+            twice = twice + _twice_below(np.sort(np.fromiter(self._rolling, np.float64, len(self._rolling))), values)
+        return twice / (2.0 * len(self))
+
+    def add(self, score: float) -> None:
+        """Remember a normal window's distance (the caller decides what is normal)."""
+        if np.isfinite(score):
+            self._rolling.append(float(score))
 
 
 def fuse(ranks: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None, rule: str = "mean") -> np.ndarray:
@@ -48,18 +101,18 @@ def fuse(ranks: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = 
     with weight 0 are ignored.
     """
     if rule not in RULES:
-        raise FusionError(f"fusion rule {rule!r} is not one of {', '.join(RULES)}")
+        raise RankingError(f"fusion rule {rule!r} is not one of {', '.join(RULES)}")
     if not ranks:
-        raise FusionError("nothing to fuse: no backbone ranks")
+        raise RankingError("nothing to fuse: no backbone ranks")
     weights = dict(weights) if weights else {name: 1.0 for name in ranks}
     unknown = sorted(set(weights) - set(ranks))
     if unknown:
-        raise FusionError(f"fusion weights name backbones without scores: {', '.join(unknown)}")
+        raise RankingError(f"fusion weights name backbones without scores: {', '.join(unknown)}")
     if any(not np.isfinite(w) or w < 0 for w in weights.values()):
-        raise FusionError(f"fusion weights must be finite and >= 0, got {weights}")
+        raise RankingError(f"fusion weights must be finite and >= 0, got {weights}")
     active = {name: w for name, w in weights.items() if w > 0}
     if not active:
-        raise FusionError("fusion weights are all zero")
+        raise RankingError("fusion weights are all zero")
     stacked = np.stack([np.asarray(ranks[name], dtype=np.float64) for name in active])
     w = np.array(list(active.values()))[:, None]
     if rule == "mean":

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
 from monitor.config import AlertConfig
+from monitor.outputs.messages import AlertType
 
 
 @dataclass(frozen=True)
 class Transition:
-    type: Literal["raise", "clear"]
+    type: AlertType
     event_id: str
     start: float  # epoch seconds: first anomalous window of the episode
     end: float  # epoch seconds: end of the window that caused the transition
@@ -30,14 +30,27 @@ def event_id(machine: str, start: float) -> str:
 
 
 class AlertTracker:
+    """One machine's alert state machine (see the module docstring)."""
+
     def __init__(self, machine: str, config: AlertConfig) -> None:
         self.machine = machine
+        self._recent: deque[tuple[bool, float]] = deque()
         self.config = config
-        self._recent: deque[tuple[bool, float]] = deque(maxlen=config.raise_window)
         self._calm = 0
         self._cleared_at: float | None = None
         self.open_event: str | None = None
         self.open_start: float | None = None
+
+    @property
+    def config(self) -> AlertConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AlertConfig) -> None:
+        """New settings (a reload) apply from the next window; the history of recent windows
+        is resized to ``raise_window``, keeping the newest."""
+        self._config = config
+        self._recent = deque(self._recent, maxlen=config.raise_window)
 
     @property
     def alerting(self) -> bool:

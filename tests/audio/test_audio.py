@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from monitor.audio.files import AudioError, fit_windows, load_audio, resample, window_starts
+from monitor.audio.files import fit_windows, load_audio, resample, window_starts
+from monitor.errors import AudioError
 
 
 def test_load_wav_and_flac_as_float_mono(tmp_path: Path) -> None:

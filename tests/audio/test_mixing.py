@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.audio.files import Audio, AudioError
+from monitor.audio.files import Audio
 from monitor.audio.mixing import mix_at_snr
+from monitor.errors import AudioError
 from tests.synth import RATE, machine_sound, site_noise
 
 

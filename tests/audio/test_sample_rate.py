@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import soxr
 
-from monitor.bank.store import BankError, BankStore, check_audio_rate
+from monitor.bank.model import check_audio_rate
+from monitor.bank.store import BankStore
 from monitor.cli import main
+from monitor.errors import BankError
 from monitor.service.daemon import Daemon
+from tests.daemons import clips, daemon_config
 from tests.synth import RATE, machine_sound, write_clip
-from tests.service.test_daemon import clips, daemon_config
 
 
 def test_the_band_the_model_hears_decides() -> None:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from monitor.audio.sensor import (
+    FAULTS,
+    MIN_DBFS,
+    SensorReport,
+    check_window,
+    level_dbfs,
+    longest_zero_run,
+)
 from monitor.config import SensorConfig
-from monitor.audio.sensor import FAULTS, MIN_DBFS, SensorReport, check_window, level_dbfs, longest_zero_run
 
 RATE = 16000
 CONFIG = SensorConfig()  # silence -90 dBFS, drop 30 dB, clip 0.999 x 0.1 %, dropout 50 ms

@@ -14,11 +14,12 @@ import pytest
 import soundfile as sf
 
 from monitor.audio import sources
-from monitor.audio.files import AudioError, load_audio, resample
-from monitor.config import SensorConfig, SourceConfig
+from monitor.audio.files import load_audio, resample
 from monitor.audio.ring import Window, Windower
 from monitor.audio.sensor import check_window, level_dbfs
-from monitor.audio.sources import AudioDeviceError, FileSource, MicrophoneSource, make_source
+from monitor.audio.sources import FileSource, MicrophoneSource, make_source
+from monitor.config import SensorConfig, SourceConfig
+from monitor.errors import AudioDeviceError, AudioError
 
 RATE = 16000
 START = 1_700_000_000.0
@@ -178,7 +179,7 @@ def test_loop_over_only_unreadable_files_ends(tmp_path: Path) -> None:
 
 def test_no_audio_files(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("x")
-    with pytest.raises(AudioError, match="no WAV/FLAC files"):
+    with pytest.raises(AudioError, match="no audio files"):
         FileSource(file_config([tmp_path]))
 
 
@@ -240,7 +241,7 @@ def test_supervision_backs_off_recovers_and_detects_dead_and_stalled_streams(mon
     with pytest.raises(AudioDeviceError, match="'fake mic'.*no input devices"):
         source.start()
     stop = threading.Event()
-    thread = threading.Thread(target=source.run_supervised, args=(stop,))
+    thread = threading.Thread(target=source.supervise, args=(stop,))
     thread.start()
     try:
         assert wait_until(lambda: len(fake.attempts) >= 6, 5)
@@ -331,7 +332,7 @@ def test_missing_device_is_named(pulse_server) -> None:
 def test_supervised_microphone_survives_a_sound_server_restart(pulse_server) -> None:
     source = MicrophoneSource(pulse_config(), ring_seconds=10, backoff_initial=0.1, backoff_max=0.4)
     stop = threading.Event()
-    thread = threading.Thread(target=source.run_supervised, args=(stop,))
+    thread = threading.Thread(target=source.supervise, args=(stop,))
     thread.start()
     try:
         assert wait_until(lambda: source.alive and source.ring.frames_written > 0, 10)

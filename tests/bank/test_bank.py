@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from monitor.bank import store as bank_module
-from monitor.bank.store import Bank, BankError, BankItem, BankNotFound, BankStore
+from monitor.bank.model import Bank, BankItem
+from monitor.bank.store import BankStore
+from monitor.errors import BankError, BankNotFound
 
 MODELS = {'beats': 'beats-iter3-as2m', 'eat': 'eat-base-epoch30'}
 DIMS = {'beats': 768, 'eat': 512}
@@ -416,7 +418,8 @@ def test_save_revalidates_a_bank_changed_after_construction(tmp_path: Path) -> N
 _WRITER = """
 import sys
 import numpy as np
-from monitor.bank.store import Bank, BankItem, BankStore
+from monitor.bank.store import BankStore
+from monitor.bank.model import Bank, BankItem
 
 store = BankStore(sys.argv[1])
 n = 6000  # 12 MB of float32 per version: a save takes long enough to be caught inside

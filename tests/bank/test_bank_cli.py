@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from monitor.bank.store import BankStore
-from monitor.cli import EXIT_DATA, main
+from monitor.cli import main
+from monitor.errors import EXIT_DATA
 from tests.synth import machine_sound, write_clip
 
 

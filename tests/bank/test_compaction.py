@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.bank.store import Bank, BankError, BankItem, BankStore
-from monitor.cli import main
 from monitor.bank.compaction import compact
+from monitor.bank.model import Bank, BankItem
+from monitor.bank.store import BankStore
+from monitor.cli import main
+from monitor.errors import BankError
 
 NOW = "2026-01-01T00:00:00+00:00"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,11 @@ import soundfile as sf
 from monitor.bank.store import BankStore
 from monitor.cli import main
 from monitor.config import EnrollmentConfig, MachineConfig, ScheduleConfig, SourceConfig
+from monitor.enrollment.live import parse_command
+from monitor.errors import CommandError
 from monitor.service.control import request
-from monitor.service.daemon import Daemon
-from monitor.enrollment.live import CommandError, parse_command
+from tests.daemons import clips, daemon_config, enroll, events_of, wait_for, write_yaml
 from tests.synth import RATE, machine_sound, write_clip
-from tests.service.test_daemon import _write_yaml, clips, daemon_config, enroll
 
 CFG = EnrollmentConfig(conditions=["day", "night"])
 
@@ -49,57 +49,25 @@ def test_a_valid_start_command() -> None:
     assert (cmd.action, cmd.duration_s, cmd.condition, cmd.request_id) == ("start", 60.0, "night", "r1")
 
 
-def _events(daemon: Daemon) -> list[dict]:
-    path = daemon.state_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
-@pytest.fixture
-def running(tmp_path: Path):
-    """A daemon replaying normal audio in a loop, with no bank yet (idle), main loop running."""
-    started: list[tuple[Daemon, threading.Thread]] = []
-
-    def start(config) -> Daemon:
-        daemon = Daemon(config)
-        daemon.start()
-        runner = threading.Thread(target=daemon.run)
-        runner.start()
-        started.append((daemon, runner))
-        return daemon
-
-    yield start
-    for daemon, runner in started:
-        daemon.stop_event.set()
-        runner.join()
-        daemon.stop()
-
-
 def test_live_enrollment_from_the_file_source_via_the_control_socket(tmp_path: Path, running, capsys) -> None:
     config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), loop=True)
     config = replace(config, enrollment=EnrollmentConfig(min_windows=4))
     daemon = running(config)
     machine = daemon.machines[0]
-    assert machine.state == "idle" and machine.scoring is None
+    assert machine.state == "idle" and machine.scorer is None
     reply = request(daemon.state_dir / "control.sock", "motor",
                     {"action": "start", "duration_s": 60, "condition": "night"})
     assert reply["ok"] and reply["session"]["condition"] == "night"
     again = request(daemon.state_dir / "control.sock", "motor", {"action": "start", "duration_s": 60})
     assert not again["ok"] and "already running" in again["error"]
-    _wait_for(lambda: machine.scoring is not None)
+    wait_for(lambda: machine.scorer is not None)
     bank = BankStore(config.daemon.state_dir / "banks" / "motor").load()
     assert bank.conditions == ["night"] and len(bank) == 6 and bank.items[0].source == "live:motor"
     assert bank.items[0].level_dbfs is not None
-    enrolled = [e for e in _events(daemon) if e["kind"] == "enrolled"]
+    enrolled = [e for e in events_of(daemon) if e["kind"] == "enrolled"]
     assert enrolled and enrolled[0]["version"] == "v000001"
     # The CLI client reaches the same socket.
-    path = _write_yaml(tmp_path / "daemon.yaml", config)
+    path = write_yaml(tmp_path / "daemon.yaml", config)
     capsys.readouterr()
     assert main(["enroll-live", "-c", str(path), "--machine", "motor", "status"]) == 65  # nothing running
     assert "no enrollment is running" in capsys.readouterr().out
@@ -112,11 +80,11 @@ def test_enrollment_with_too_little_clean_audio_is_refused(tmp_path: Path, runni
     daemon = running(config)
     reply = request(daemon.state_dir / "control.sock", "motor", {"action": "start", "duration_s": 40})
     assert reply["ok"]
-    _wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in _events(daemon)))
-    failed = next(e for e in _events(daemon) if e["kind"] == "enrollment_failed")
+    wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in events_of(daemon)))
+    failed = next(e for e in events_of(daemon) if e["kind"] == "enrollment_failed")
     assert "only 0 clean window(s)" in failed["error"] and failed["session"]["excluded_sensor_faults"] == 4
     assert not BankStore(config.daemon.state_dir / "banks" / "motor").exists()
-    assert daemon.machines[0].scoring is None  # still unenrolled; the silence itself stays a sensor fault
+    assert daemon.machines[0].scorer is None  # still unenrolled; the silence itself stays a sensor fault
 
 
 def test_outliers_against_the_existing_bank_are_left_out(tmp_path: Path, running) -> None:
@@ -124,8 +92,8 @@ def test_outliers_against_the_existing_bank_are_left_out(tmp_path: Path, running
     enroll(config, tmp_path / "enroll")
     daemon = running(config)
     request(daemon.state_dir / "control.sock", "motor", {"action": "start", "duration_s": 60})
-    _wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in _events(daemon)))
-    failed = next(e for e in _events(daemon) if e["kind"] == "enrollment_failed")
+    wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in events_of(daemon)))
+    failed = next(e for e in events_of(daemon) if e["kind"] == "enrollment_failed")
     assert failed["session"]["excluded_outliers"] == 6
     assert BankStore(config.daemon.state_dir / "banks" / "motor").versions() == ["v000001"]
 
@@ -140,7 +108,7 @@ def test_cancel_discards_and_stop_saves_early(tmp_path: Path, running) -> None:
     assert request(sock, "motor", {"action": "cancel"})["ok"]
     assert daemon.machines[0].session is None
     assert request(sock, "motor", {"action": "start", "duration_s": 3600})["ok"]
-    _wait_for(lambda: daemon.machines[0].session is not None and daemon.machines[0].session.accepted >= 2)
+    wait_for(lambda: daemon.machines[0].session is not None and daemon.machines[0].session.accepted >= 2)
     reply = request(sock, "motor", {"action": "stop"})
     assert reply["ok"] and reply["version"] == "v000001"
     assert request(sock, "ghost", {"action": "status"})["error"] == "unknown machine 'ghost'"
@@ -157,7 +125,7 @@ def test_mqtt_enroll_command_with_and_without_credentials(tmp_path: Path, runnin
                                           command_token_file=token),
                      enrollment=EnrollmentConfig(min_windows=2))
     daemon = running(config)
-    _wait_for(lambda: daemon.publisher.connected, 15)
+    wait_for(lambda: daemon.publisher.connected, 15)
     broker.register("asd/test/motor/reply/enroll", "operator")
     broker.publish("asd/test/motor/cmd/enroll", '{"action": "start", "duration_s": 3600, "token": "wrong"}')
     broker.publish("asd/test/motor/cmd/enroll", "{oops")
@@ -192,7 +160,7 @@ def test_live_enrollment_through_the_real_microphone_path(tmp_path: Path, pulse_
     reply = request(daemon.state_dir / "control.sock", "motor", {"action": "start", "duration_s": 10})
     assert reply["ok"]
     player.join()
-    _wait_for(lambda: daemon.machines[0].scoring is not None, 20)
+    wait_for(lambda: daemon.machines[0].scorer is not None, 20)
     bank = BankStore(config.daemon.state_dir / "banks" / "motor").load()
     assert len(bank) >= 3 and all(item.source == "live:motor" for item in bank.items)
 
@@ -209,11 +177,11 @@ def test_scheduled_enrollment_starts_once_a_day_at_its_time(tmp_path: Path, runn
     config = replace(config, enrollment=EnrollmentConfig(min_windows=4, schedule=[entry]))
     store = BankStore(config.daemon.state_dir / "banks" / "motor")
     daemon = running(config)
-    _wait_for(lambda: store.current() == "v000001")
+    wait_for(lambda: store.current() == "v000001")
     bank = store.load()
     assert bank.conditions == ["night"] and len(bank) == 4
     assert bank.note.startswith("live enrollment, condition night")
-    started = [e for e in _events(daemon) if e["kind"] == "command" and e["reply"].get("action") == "start"]
+    started = [e for e in events_of(daemon) if e["kind"] == "command" and e["reply"].get("action") == "start"]
     assert len(started) == 1
-    daemon._check_schedule()  # the same minute again: already done today
+    daemon.commands.check_schedule(now)  # the same minute again: already done today
     assert daemon.machines[0].session is None and store.versions() == ["v000001"]

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from export import beats, eat
-from export.checkpoint import CheckpointError
 from export.cli import main as export_main
 from export.onnx_export import PARITY_RTOL, relative_error
+from monitor.errors import EXIT_DATA, CheckpointError
 from monitor.scoring.backbone import Backbone
 from tests.synth import machine_sound
 
@@ -128,7 +128,7 @@ def test_beats_layer_option(beats_checkpoint: tuple[Path, dict[str, torch.Tensor
 
 
 def _one_line_failure(argv: list[str], out: Path, capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
-    assert export_main(argv) == 1
+    assert export_main(argv) == EXIT_DATA
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     for fragment in fragments:

@@ -24,9 +24,11 @@ import torch
 from export import dasheng, m2d, muq
 from export.checkpoint import randomise_norms, read_safetensors
 from export.cli import main as export_main
+from export.contract import metadata
 from export.onnx_export import PARITY_RTOL, export_backbone, relative_error
-from export.registry import EXPORTERS, metadata
+from export.registry import EXPORTERS
 from monitor.audio.files import Audio
+from monitor.errors import EXIT_DATA
 from monitor.scoring.backbone import Backbone
 from monitor.scoring.metadata import BackboneMetadata
 from tests.synth import machine_sound
@@ -304,7 +306,7 @@ def test_dasheng_matches_the_official_package(tmp_path: Path, monkeypatch: pytes
         assert relative_error(official(x[:, :64000]).mean(1).numpy(), ours(x[:, :64000]).numpy()) < 1e-5
 
 
-# --- wrong checkpoints: one line, exit 1, nothing written ---------------------------------------------
+# --- wrong checkpoints: one line, exit 65, nothing written --------------------------------------------
 
 @pytest.mark.parametrize("command,key,message", [
     ("dasheng-0.6b", "dasheng", "width 64 is not dasheng-0.6b's 1280"),
@@ -315,7 +317,7 @@ def test_dasheng_matches_the_official_package(tmp_path: Path, monkeypatch: pytes
 ])
 def test_wrong_checkpoint_is_a_one_line_error(checkpoints: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               command: str, key: str, message: str) -> None:
-    assert export_main([command, "--checkpoint", str(checkpoints[key]), "--out", str(tmp_path)]) == 1
+    assert export_main([command, "--checkpoint", str(checkpoints[key]), "--out", str(tmp_path)]) == EXIT_DATA
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*.onnx"))
@@ -324,7 +326,7 @@ def test_wrong_checkpoint_is_a_one_line_error(checkpoints: dict, tmp_path: Path,
 def test_full_size_m2d_refuses_a_small_checkpoint(checkpoints: dict, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The release name says ViT-Base: weights of another width are named in the error."""
-    assert export_main(["m2d", "--checkpoint", str(checkpoints["m2d"]), "--out", str(tmp_path)]) == 1
+    assert export_main(["m2d", "--checkpoint", str(checkpoints["m2d"]), "--out", str(tmp_path)]) == EXIT_DATA
     err = capsys.readouterr().err.strip()
     assert "not a M2D ViT-Base checkpoint" in err and "of another shape" in err
     assert len(err.splitlines()) == 1
@@ -339,6 +341,24 @@ def test_muq_with_a_missing_weight_is_refused(checkpoints: dict, tmp_path: Path)
     _write_safetensors(folder / "model.safetensors", state)
     with pytest.raises(ValueError, match="1 missing .*final_layer_norm.bias"):
         muq.load_muq(folder)
+
+
+@pytest.mark.parametrize("w2v2,message", [
+    ({"num_attention_heads": 5}, "encoder_dim 32 is not divisible by 5 heads"),
+    ({"conv_depthwise_kernel_size": 8}, "conv_depthwise_kernel_size must be odd"),
+])
+def test_muq_sizes_its_model_cannot_take_are_a_checkpoint_error(checkpoints: dict, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 w2v2: dict, message: str) -> None:
+    """They come from config.json, so the model's own checks answer as a bad checkpoint (65)."""
+    folder = tmp_path / "muq"
+    folder.mkdir()
+    raw = {**SMALL_MUQ_JSON, "w2v2_config": {**SMALL_MUQ_JSON["w2v2_config"], **w2v2}}
+    (folder / "config.json").write_text(json.dumps(raw))
+    (folder / "model.safetensors").write_bytes((checkpoints["muq"] / "model.safetensors").read_bytes())
+    assert export_main(["muq", "--checkpoint", str(folder), "--out", str(tmp_path)]) == EXIT_DATA
+    err = capsys.readouterr().err.strip()
+    assert f"{folder}: {message}" in err and len(err.splitlines()) == 1
 
 
 def test_old_metadata_without_precision_reads_as_fp32() -> None:

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from export import aisfx, beats, dasheng, eat, logmel, m2d, muq
-from export.checkpoint import CheckpointError, read_checkpoint, read_safetensors
-from export.registry import EXPORTERS
+from export import cli as export_cli
+from export.checkpoint import read_checkpoint, read_safetensors
 from export.cli import main as export_main
 from export.frontend import PowerMel, mel_filterbank
 from export.onnx_export import PARITY_RTOL, relative_error
+from export.registry import EXPORTERS
+from monitor.errors import EXIT_DATA, EXIT_FAILURE, CheckpointError, ParityError
 from monitor.scoring.backbone import ASSETS, Backbone
 from tests.synth import machine_sound
 
@@ -133,7 +135,7 @@ def test_export_cli_lists_backbones(capsys: pytest.CaptureFixture[str]) -> None:
 def test_export_cli_reports_a_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    assert export_main(["aisfx", "--checkpoint", str(bad), "--out", str(tmp_path)]) == 1
+    assert export_main(["aisfx", "--checkpoint", str(bad), "--out", str(tmp_path)]) == EXIT_DATA
     err = capsys.readouterr().err
     assert "bad.pth" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "aisfx.onnx").exists()
@@ -230,7 +232,7 @@ def test_a_truncated_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pyte
     data = (tmp_path / "full.pt").read_bytes()
     cut = tmp_path / "dasheng_base.pt"
     cut.write_bytes(data[: len(data) // 2])
-    assert export_main(["dasheng-base", "--checkpoint", str(cut), "--out", str(tmp_path)]) == 1
+    assert export_main(["dasheng-base", "--checkpoint", str(cut), "--out", str(tmp_path)]) == EXIT_DATA
     err = capsys.readouterr().err.strip()
     assert f"{cut}: cannot read as a torch checkpoint (truncated" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*.onnx"))
@@ -251,3 +253,21 @@ def test_a_truncated_checkpoint_is_a_one_line_error(tmp_path: Path, capsys: pyte
     with pytest.raises(CheckpointError, match=f"^{short}: truncated: tensor b ") as info:
         read_checkpoint(short)
     assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("error", [
+    ParityError("x.onnx: relative error 1e-2 against torch exceeds 1e-4"),
+    RuntimeError("an operator torch.onnx cannot export\nwith a long trace after it"),
+    OSError(28, "No space left on device"),
+])
+def test_export_cli_answers_other_failures_with_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str], error: Exception) -> None:
+    """A parity failure is ours but not bad input; torch's, onnx's and the file system's own errors
+    are not ours: all answer 1, in one line."""
+    def fail(args: object, name: str) -> Path:
+        raise error
+
+    monkeypatch.setattr(export_cli, "export_one", fail)
+    assert export_main(["logmel", "--out", str(tmp_path)]) == EXIT_FAILURE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asd-export: error: ") and len(err.splitlines()) == 1

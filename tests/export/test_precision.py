@@ -17,11 +17,21 @@ import torch
 
 from export import muq
 from export.cli import main as export_main
-from export.onnx_export import (MIN_COSINE, ParityError, check_similarity, cosine_similarity, frontend_nodes,
-                                model_digest)
+from export.onnx_export import (
+    MIN_COSINE,
+    check_similarity,
+    cosine_similarity,
+    frontend_nodes,
+    model_digest,
+)
+from monitor.errors import ParityError
 from monitor.scoring.backbone import Backbone
+from tests.export.test_dasheng_m2d_muq import (
+    SMALL_MUQ_JSON,
+    _randomise,
+    _write_safetensors,
+)
 from tests.synth import machine_sound
-from tests.export.test_dasheng_m2d_muq import SMALL_MUQ_JSON, _randomise, _write_safetensors
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.offline.dataset import AUDIO_SUFFIXES, Clip, DatasetError, find_audio, parse_clip, scan_dataset
+from monitor.audio.files import AUDIO_SUFFIXES, find_audio
+from monitor.errors import AudioError, DatasetError
+from monitor.offline.dataset import Clip, parse_clip, scan_dataset
 
 
 def _manifest_rows(shared_data: Path) -> list[tuple[Path, dict[str, str]]]:
@@ -154,12 +156,12 @@ def test_find_audio_expands_and_sorts(tmp_path: Path) -> None:
 
 
 def test_find_audio_errors(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="nope"):
+    with pytest.raises(AudioError, match="nope"):
         find_audio([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="no audio"):
+    with pytest.raises(AudioError, match="no audio"):
         find_audio([tmp_path / "empty"])
-    with pytest.raises(DatasetError, match="no audio"):
+    with pytest.raises(AudioError, match="no audio"):
         find_audio([])
-    with pytest.raises(DatasetError, match="notes.txt"):
+    with pytest.raises(AudioError, match="notes.txt"):
         find_audio([_touch(tmp_path / "notes.txt")])

@@ -9,7 +9,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from monitor.offline.dcase import Figures, auc, hmean, machine_figures, official_score, pauc, roc_curve
+from monitor.offline.dcase import (
+    Figures,
+    auc,
+    hmean,
+    machine_figures,
+    official_score,
+    pauc,
+    roc_curve,
+)
 
 
 def _random_case(seed: int) -> tuple[np.ndarray, np.ndarray]:

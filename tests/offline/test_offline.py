@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from monitor.bank.store import BankStore
-from monitor.cli import EXIT_CONFIG, EXIT_DATA, main
+from monitor.cli import main
 from monitor.config import Config
-from monitor.scoring.detector import Detector
+from monitor.errors import EXIT_CONFIG, EXIT_DATA
 from monitor.offline.evaluate import run_evaluation
+from monitor.scoring.detector import Detector
 from tests.synth import dcase_dataset, machine_sound, write_clip
 
 

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.offline.report import ReportError, format_table, plot_machines, write_official_csv, write_results_json
+from monitor.errors import ReportError
+from monitor.offline.report import (
+    format_table,
+    plot_machines,
+    write_official_csv,
+    write_results_json,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

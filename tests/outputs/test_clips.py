@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from monitor.outputs.clips import ClipStore, SavedClip
 from monitor.config import ClipsConfig
+from monitor.outputs.clips import ClipStore, SavedClip
 
 RATE = 16000
 START = calendar.timegm((2025, 3, 14, 15, 9, 26)) + 0.5  # 2025-03-14T15:09:26.5Z

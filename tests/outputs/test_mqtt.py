@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from monitor.outputs import messages
 from monitor.config import MqttConfig, TlsConfig
+from monitor.errors import MqttConfigError
+from monitor.outputs import messages
 from monitor.outputs.messages import StateMessage, Topics
-from monitor.outputs.mqtt import MqttConfigError, Publisher, discovery_payload
+from monitor.outputs.mqtt import Publisher, discovery_payload
 from monitor.outputs.outbox import Outbox
 
 if TYPE_CHECKING:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor.outputs.outbox import Outbox, OutboxError, OutboxFull, OutboxMessage
+from monitor.errors import OutboxError, OutboxFull
+from monitor.outputs.outbox import Outbox, OutboxMessage
 
 REPO = Path(__file__).resolve().parents[2]
 

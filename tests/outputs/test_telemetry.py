@@ -12,8 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import __version__
-from monitor.outputs.messages import BackboneScore
-from monitor.outputs.telemetry import MACHINE_STATES, SENSOR_FAULTS, Telemetry, TelemetryError
+from monitor.audio.sensor import FAULTS as SENSOR_FAULTS
+from monitor.errors import TelemetryError
+from monitor.outputs.messages import MACHINE_STATES, BackboneScore
+from monitor.outputs.telemetry import Telemetry
 
 
 @pytest.fixture

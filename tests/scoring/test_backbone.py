@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from monitor.audio.files import Audio
-from monitor.scoring.backbone import ASSETS, Backbone, BackboneError, builtin_names, resolve_model
-from monitor.scoring.metadata import BackboneMetadata, ModelMetadataError
+from monitor.errors import BackboneError, ModelMetadataError
+from monitor.scoring.backbone import ASSETS, Backbone, builtin_names, resolve_model
+from monitor.scoring.metadata import BackboneMetadata
 from tests.synth import machine_sound
 
 

@@ -4,26 +4,26 @@ instead of scoring them (monitor/scoring/idle.py), through enrollment from files
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from monitor.scoring.backbone import BackboneError
-from monitor.bank.store import Bank, BankItem, BankStore
+from monitor.bank.model import Bank, BankItem, enrolled_level
+from monitor.bank.store import BankStore
 from monitor.cli import main
 from monitor.config import BackboneConfig, Config, EnrollmentConfig
-from monitor.service.control import request
-from monitor.service.daemon import Daemon
+from monitor.enrollment.files import enroll_files
+from monitor.errors import BackboneError
 from monitor.scoring.detector import Detector
-from monitor.enrollment.files import enroll_files, enrolled_level
 from monitor.scoring.idle import NOISE_CONDITION, IdleDetector
 from monitor.scoring.knn import KnnScorer
+from monitor.service.control import request
+from monitor.service.daemon import Daemon
+from tests.daemons import clips, daemon_config, events_of, run_to_end, wait_for
 from tests.synth import machine_sound, site_noise, write_clip
-from tests.service.test_daemon import clips, daemon_config, run_to_end
-from tests.enrollment.test_enrollment import _events, _wait_for, running  # noqa: F401  (fixture)
 
 NOW = "2026-01-01T00:00:00+00:00"
 
@@ -58,8 +58,8 @@ def test_detector_scores_the_running_machine_only() -> None:
     items += [BankItem(f"n{i}", 0.0, NOISE_CONDITION, NOW) for i in range(10)]
     detector.fit(Bank().add(items, {name: np.concatenate([running, noise])}, detector.model_ids))
     expected = KnnScorer(running, ["default"] * 30, "mahalanobis", 1, 0.5).leave_one_out()
-    np.testing.assert_allclose(detector.reference(name), expected, rtol=1e-6)
-    assert detector.idle({name: noise[:3]}).all() and not detector.idle({name: running[:3]}).any()
+    np.testing.assert_allclose(detector.reference(name), np.sort(expected), rtol=1e-6)
+    assert detector.score({name: noise[:3]}).idle.all() and not detector.score({name: running[:3]}).idle.any()
     only_noise = Bank().add(items[30:], {name: noise}, detector.model_ids)
     with pytest.raises(BackboneError, match="0 window.s. of the running machine .and 10 of site noise."):
         detector.fit(only_noise)
@@ -134,15 +134,15 @@ def test_live_enrollment_of_site_noise(tmp_path: Path, running) -> None:
     reply = request(daemon.state_dir / "control.sock", "motor",
                     {"action": "start", "duration_s": 60, "condition": NOISE_CONDITION})
     assert reply["ok"], reply
-    _wait_for(lambda: store.current() == "v000002")
+    wait_for(lambda: store.current() == "v000002")
     bank = store.load()
     assert bank.conditions == ["day", NOISE_CONDITION] and len(bank) == 6 + 6
-    enrolled = next(e for e in _events(daemon) if e["kind"] == "enrolled")
+    enrolled = next(e for e in events_of(daemon) if e["kind"] == "enrolled")
     assert enrolled["session"]["excluded_outliers"] == 0
     assert not _alerts(config)
     # Afterwards the same audio is idle, not anomalous.
-    _wait_for(lambda: daemon.machines[0].bank_version == "v000002")
-    _wait_for(lambda: daemon.machines[0].state == "idle")
+    wait_for(lambda: daemon.machines[0].bank_version == "v000002")
+    wait_for(lambda: daemon.machines[0].state == "idle")
 
 
 def test_score_reports_stopped_machine_recordings_as_idle(tmp_path: Path, capsys) -> None:
@@ -174,8 +174,8 @@ def test_machine_enrollment_leaves_out_windows_of_a_stopped_machine(tmp_path: Pa
     enroll_files(detector, store, noise, NOISE_CONDITION)
     daemon = running(config)
     assert request(daemon.state_dir / "control.sock", "motor", {"action": "start", "duration_s": 40})["ok"]
-    _wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in _events(daemon)))
-    failed = next(e for e in _events(daemon) if e["kind"] == "enrollment_failed")
+    wait_for(lambda: any(e["kind"] == "enrollment_failed" for e in events_of(daemon)))
+    failed = next(e for e in events_of(daemon) if e["kind"] == "enrollment_failed")
     assert failed["session"]["excluded_idle"] == 4 and failed["session"]["accepted_windows"] == 0
     assert store.versions() == ["v000001", "v000002"]
     assert daemon.telemetry.registry.get_sample_value(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.scoring.knn import LOO_FOLDS, METRICS, WHITENED, KnnError, KnnScorer
+from monitor.errors import KnnError
+from monitor.scoring.knn import LOO_FOLDS, METRICS, WHITENED, KnnScorer
 
 RTOL = 1e-5
 ATOL = 1e-6

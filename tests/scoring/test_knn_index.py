@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 import monitor.scoring.knn as knn
-from monitor.scoring.knn import INDEX_TYPES, METRICS, KnnError, KnnScorer
-from tests.scoring.test_knn import ATOL, RTOL, _random_bank, brute_force, brute_force_leave_one_out
+from monitor.errors import KnnError
+from monitor.scoring.knn import INDEX_TYPES, METRICS, KnnScorer
+from tests.scoring.test_knn import (
+    ATOL,
+    RTOL,
+    _random_bank,
+    brute_force,
+    brute_force_leave_one_out,
+)
 
 
 def _clustered(seed: int, n: int = 2000, dim: int = 32, clusters: int = 20, queries: int = 60):
@@ -164,7 +171,7 @@ def test_scoring_config_reaches_the_detector() -> None:
     daemon's detector uses (logmel: the shipped ONNX model)."""
     from dataclasses import replace
 
-    from monitor.bank.store import Bank, BankItem
+    from monitor.bank.model import Bank, BankItem
     from monitor.config import BackboneConfig, Config
     from monitor.scoring.detector import Detector
 

@@ -1,14 +1,9 @@
-"""Alert state machine and rolling reference."""
+"""Alert state machine."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
-from monitor.service.alerts import AlertTracker, event_id
 from monitor.config import AlertConfig
-from monitor.scoring.ranking import FusionError, rank_ratio
-from monitor.scoring.reference import RollingReference
+from monitor.service.alerts import AlertTracker, event_id
 
 CFG = AlertConfig(threshold=0.9, raise_count=2, raise_window=3, clear_threshold=0.5, clear_count=2, cooldown_seconds=100)
 
@@ -49,24 +44,17 @@ def test_cooldown_holds_back_the_next_raise() -> None:
     assert tracker.open_start == 60  # the oldest anomalous window still in the last raise_window
 
 
-def test_rolling_reference_ranks_like_rank_ratio() -> None:
-    rng = np.random.default_rng(0)
-    anchored, rolling = rng.normal(size=40), rng.normal(size=10)
-    ref = RollingReference(anchored, rolling_size=10)
-    for value in rolling:
-        ref.add(value)
-    for q in (-3.0, 0.0, float(rolling[3]), 3.0):
-        assert ref.rank(q) == pytest.approx(float(rank_ratio(np.concatenate([anchored, rolling]), [q])[0]))
+def test_reconfigure_resizes_the_raise_window() -> None:
+    """A reload from 3 of 5 to 8 of 10 windows: the history must grow to 10, or no 8 anomalous
+    windows can ever be in it and the machine never alarms again."""
+    tracker = AlertTracker("m", AlertConfig(threshold=0.9, raise_count=3, raise_window=5))
+    tracker.config = AlertConfig(threshold=0.9, raise_count=8, raise_window=10)
+    raised = [i for i, kind in feed(tracker, [1.0] * 20) if kind == "raise"]
+    assert raised == [7]  # the 8th anomalous window
 
 
-def test_rolling_part_is_bounded_and_the_anchor_is_never_evicted() -> None:
-    ref = RollingReference(np.arange(10.0), rolling_size=5)
-    for _ in range(100):
-        ref.add(100.0)
-    assert len(ref) == 15 and ref.rolling_count == 5
-    assert ref.rank(-1.0) == 0.0 and ref.rank(50.0) == pytest.approx(10 / 15)
-
-
-def test_reference_needs_finite_scores() -> None:
-    with pytest.raises(FusionError):
-        RollingReference(np.array([np.nan]), 5)
+def test_reconfigure_keeps_the_newest_windows_when_shrinking() -> None:
+    tracker = AlertTracker("m", AlertConfig(threshold=0.9, raise_count=2, raise_window=10))
+    feed(tracker, [1.0, 0.0, 0.0, 0.0])  # one anomalous window, then three normal ones
+    tracker.config = AlertConfig(threshold=0.9, raise_count=2, raise_window=3)
+    assert feed(tracker, [1.0], t0=40.0) == []  # the old anomalous window fell out of the last 3

@@ -20,57 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import yaml
 from threadpoolctl import threadpool_info
 
 from monitor.bank.store import BankStore
-from monitor.config import (AlertConfig, BackboneConfig, Config, DaemonConfig, MachineConfig, MetricsConfig,
-                            MqttConfig, SourceConfig)
+from monitor.config import (
+    MachineConfig,
+    SourceConfig,
+)
 from monitor.service.daemon import Daemon
-from monitor.scoring.detector import Detector
-from monitor.enrollment.files import enroll_files
+from tests.daemons import clips, daemon_config, enroll, run_to_end, write_yaml
 from tests.synth import RATE, machine_sound, write_clip
 
 ALERT_FIELDS = {"schema", "event_id", "type", "site", "machine", "start", "end", "fused_rank", "threshold",
                 "backbones", "condition", "clip", "clip_error"}
-
-
-def clips(folder: Path, kinds: str, seconds: float = 10.0, seed: int = 100) -> list[Path]:
-    """One clip per letter: n = normal, f = faulty."""
-    return [write_clip(folder / f"{i:02d}_{k}.flac", machine_sound(seed + i, seconds, fault=k == "f"))
-            for i, k in enumerate(kinds)]
-
-
-def daemon_config(tmp_path: Path, paths: list[Path], broker=None, backbone: str = "logmel", loop: bool = False,
-                  **alerts) -> Config:
-    alert_cfg = AlertConfig(**({"threshold": 0.9, "raise_count": 2, "raise_window": 3, "clear_threshold": 0.8,
-                                "clear_count": 2, "cooldown_seconds": 0.0} | alerts))
-    mqtt = MqttConfig(enabled=broker is not None, port=broker.port if broker else 1883, site="test",
-                      client_id=f"daemon-{tmp_path.name}")
-    return Config(
-        backbones=[BackboneConfig(backbone)],
-        alerts=alert_cfg,
-        daemon=DaemonConfig(name="asd-test", state_dir=tmp_path / "state", hop_seconds=10.0),
-        sources=[SourceConfig(name="replay", type="file", paths=paths, speed=1000.0, loop=loop)],
-        machines=[MachineConfig("motor", "replay")],
-        mqtt=mqtt,
-        metrics=MetricsConfig(port=0),
-    )
-
-
-def enroll(config: Config, folder: Path, n: int = 6) -> None:
-    normals = clips(folder, "n" * n, seed=0)
-    store = BankStore(config.daemon.state_dir / "banks" / "motor")
-    enroll_files(Detector.from_config(config), store, normals, "default")
-
-
-def run_to_end(daemon: Daemon, timeout: float = 120.0) -> None:
-    daemon.start()
-    runner = threading.Thread(target=daemon.run)
-    runner.start()
-    runner.join(timeout)
-    assert not runner.is_alive(), "the replay did not finish in time"
-    daemon.stop()
 
 
 def alerts_of(received: list[tuple[bool, str, str]]) -> list[dict]:
@@ -122,20 +84,6 @@ def test_every_alert_arrives_after_a_broker_outage(tmp_path: Path, mosquitto) ->
     assert len({a["event_id"] for a in received}) == 3
 
 
-def _write_yaml(path: Path, config: Config) -> Path:
-    def plain(value):
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        if hasattr(value, "__dataclass_fields__"):
-            return {k: plain(getattr(value, k)) for k in value.__dataclass_fields__}
-        return value
-
-    path.write_text(yaml.safe_dump(plain(config)))
-    return path
-
-
 def _outbox_alerts(state_dir: Path) -> int:
     """Alerts waiting in the outbox (only readable once the daemon holding it is gone)."""
     with closing(sqlite3.connect(f"file:{state_dir / 'outbox.sqlite'}?mode=ro", uri=True, timeout=1)) as db:
@@ -151,7 +99,7 @@ def _raised(state_dir: Path) -> set[str]:
 def test_alerts_survive_kill_9_of_the_daemon(tmp_path: Path, mosquitto) -> None:
     config = daemon_config(tmp_path, clips(tmp_path / "replay", "ffnnffnn"), mosquitto, loop=True)
     enroll(config, tmp_path / "enroll")
-    path = _write_yaml(tmp_path / "daemon.yaml", config)
+    path = write_yaml(tmp_path / "daemon.yaml", config)
     mosquitto.register("asd/test/motor/alert", "plant")
     mosquitto.stop()
     command = [sys.executable, "-m", "monitor.cli", "run", "-c", str(path)]
@@ -198,13 +146,34 @@ def test_metrics_endpoint_passes_promtool(tmp_path: Path) -> None:
     assert float(ok[0].split()[-1]) >= 6
 
 
+def test_messages_delivered_to_the_broker_are_counted_in_the_metrics(tmp_path: Path, mosquitto) -> None:
+    """``asd_mqtt_published_total`` counts what the broker really got (retained states
+    acknowledged, scores sent), read over HTTP while the daemon runs."""
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nn"), mosquitto, loop=True)
+    enroll(config, tmp_path / "enroll")
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.publisher.published_total < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        before = daemon.publisher.published_total
+        text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.telemetry.port}/metrics", timeout=5).read().decode()
+        after = daemon.publisher.published_total
+    finally:
+        daemon.stop()
+    (line,) = [line for line in text.splitlines() if line.startswith("asd_mqtt_published_total ")]
+    assert 4 <= before <= float(line.split()[-1]) <= after
+
+
 def test_queue_sized_by_machine_count_and_compute_threads_limited_in_every_thread(tmp_path: Path) -> None:
     """Every hop delivers one window per machine at once: the automatic queue holds twice that.
     numpy/faiss thread limits are per thread for OpenMP, so each daemon thread sets its own."""
     base = daemon_config(tmp_path, clips(tmp_path / "replay", "n"))
     many = replace(base, machines=[MachineConfig(f"m{i}", "replay") for i in range(12)])
-    assert Daemon(base).queue.maxsize == 8 and Daemon(many).queue.maxsize == 24
-    assert Daemon(replace(many, daemon=replace(many.daemon, queue_size=5))).queue.maxsize == 5
+    assert base.daemon.resolved_queue_size(len(base.machines)) == 8
+    assert many.daemon.resolved_queue_size(len(many.machines)) == 24
+    assert replace(many.daemon, queue_size=5).resolved_queue_size(len(many.machines)) == 5
 
     daemon = Daemon(replace(base, runtime=replace(base.runtime, compute_threads=1)))
     seen: list[list[int]] = []
@@ -350,7 +319,7 @@ def test_reload_switches_bank_versions_without_stopping_audio(tmp_path: Path, mo
     sock = _notify_socket(tmp_path, monkeypatch)
     config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), loop=True)
     enroll(config, tmp_path / "enroll")
-    path = _write_yaml(tmp_path / "daemon.yaml", config)
+    path = write_yaml(tmp_path / "daemon.yaml", config)
     daemon = Daemon(config, path)
     daemon.start()
     runner = threading.Thread(target=daemon.run)  # the main loop follows banks and reloads

@@ -43,8 +43,8 @@ import yaml
 
 from monitor.bank.store import BankStore
 from monitor.config import BackboneConfig, Config
-from monitor.scoring.detector import Detector
 from monitor.enrollment.files import enroll_files
+from monitor.scoring.detector import Detector
 from tests.broker import Broker, free_port, tool
 from tests.synth import machine_sound, write_clip
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from monitor.scoring.ranking import FusionError, fuse, rank_ratio, self_rank
+from monitor.errors import RankingError
+from monitor.scoring.ranking import RankReference, fuse, rank_ratio, self_rank
 
 
 def test_rank_ratio_counts_ties_half() -> None:
@@ -22,7 +23,7 @@ def test_self_rank_is_scipy_average_rank() -> None:
 
 def test_rank_ratio_ignores_non_finite_reference_and_rejects_empty() -> None:
     assert rank_ratio([np.nan, 1.0], [2.0])[0] == 1.0
-    with pytest.raises(FusionError, match="empty"):
+    with pytest.raises(RankingError, match="empty"):
         rank_ratio([np.nan], [1.0])
 
 
@@ -47,5 +48,28 @@ def test_weighted_mean_and_max() -> None:
      ({"weights": {"a": 0, "b": 0}}, "all zero")],
 )
 def test_fusion_errors(kwargs: dict, message: str) -> None:
-    with pytest.raises(FusionError, match=message):
+    with pytest.raises(RankingError, match=message):
         fuse({"a": np.zeros(2), "b": np.zeros(2)}, **kwargs)
+
+
+def test_rolling_reference_ranks_like_rank_ratio() -> None:
+    rng = np.random.default_rng(0)
+    anchored, rolling = rng.normal(size=40), rng.normal(size=10)
+    ref = RankReference(anchored, rolling_size=10)
+    for value in rolling:
+        ref.add(value)
+    for q in (-3.0, 0.0, float(rolling[3]), 3.0):
+        assert ref.rank(q) == pytest.approx(float(rank_ratio(np.concatenate([anchored, rolling]), [q])[0]))
+
+
+def test_rolling_part_is_bounded_and_the_anchor_is_never_evicted() -> None:
+    ref = RankReference(np.arange(10.0), rolling_size=5)
+    for _ in range(100):
+        ref.add(100.0)
+    assert len(ref) == 15 and ref.rolling_count == 5
+    assert ref.rank(-1.0) == 0.0 and ref.rank(50.0) == pytest.approx(10 / 15)
+
+
+def test_reference_needs_finite_scores() -> None:
+    with pytest.raises(RankingError):
+        RankReference(np.array([np.nan]), 5)

@@ -1,0 +1,203 @@
+"""One place that tells the world what happened to a machine.
+
+The pipeline calls ``Outputs`` once per window and once per state change or alert; from here
+each fact goes to every output that wants it: MQTT (reliable for alerts and states, volatile
+for scores), Prometheus, the JSONL event log, saved clips and the console. Listeners added with
+``add_listener`` get a ``WindowReport`` per window: what tests and benchmarks hook into
+instead of the daemon's insides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.config import Config
+from monitor.outputs.clips import ClipStore
+from monitor.outputs.events import EventLog
+from monitor.outputs.messages import (
+    AlertEvent,
+    AlertType,
+    BackboneScore,
+    MachineState,
+    ScoreMessage,
+    StateMessage,
+    Topics,
+    WindowStatus,
+    iso_time,
+)
+from monitor.outputs.mqtt import Publisher, discovery_payload
+from monitor.outputs.telemetry import Telemetry
+from monitor.scoring.live import WindowScore
+
+log = logging.getLogger(__name__)
+# Two streams for a person watching, beside each module's own logger (named after the module):
+CONSOLE_LOG = "monitor.console"  # alerts and sensor faults
+WINDOWS_LOG = "monitor.windows"  # one line per scored window (-v; -vv under systemd)
+console = logging.getLogger(CONSOLE_LOG)
+windows = logging.getLogger(WINDOWS_LOG)
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """What became of one window, for listeners."""
+
+    machine: str
+    start: float  # epoch seconds of its first sample
+    end: float
+    status: WindowStatus
+    ready: float  # time.monotonic() when its last sample was available
+    began: float  # time.monotonic() when the worker took it (after waiting in the queue)
+    done: float  # time.monotonic() when every output for it had been issued
+    score: WindowScore | None = None
+    faults: tuple[str, ...] = ()
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # sensor, embed, score, outputs
+
+
+WindowListener = Callable[[WindowReport], None]
+
+
+def backbone_scores(score: WindowScore) -> dict[str, BackboneScore]:
+    return {name: BackboneScore(score.raw[name], score.ranks[name]) for name in score.raw}
+
+
+class Outputs:
+    def __init__(self, config: Config, topics: Topics, telemetry: Telemetry, events: EventLog, clips: ClipStore,
+                 publisher: Publisher | None = None) -> None:
+        self.config = config
+        self.topics = topics
+        self.telemetry = telemetry
+        self.events = events
+        self.clips = clips
+        self.publisher = publisher
+        self._listeners: list[WindowListener] = []
+        if publisher is not None:
+            publisher.on_published = telemetry.mqtt_published
+            publisher.on_connection_change = self._mqtt_connection
+
+    def add_listener(self, listener: WindowListener) -> None:
+        """Call ``listener`` with every window's report (on the worker thread: keep it short)."""
+        self._listeners.append(listener)
+
+    def reconfigure(self, config: Config, clips: ClipStore) -> None:
+        """A reload: new thresholds and clip settings apply to the next window."""
+        self.config, self.clips = config, clips
+
+    def announce_machines(self, names: list[str], backbones: list[str]) -> None:
+        """Create every machine's series at zero; publish Home Assistant discovery."""
+        for name in names:
+            self.telemetry.add_machine(name, backbones)
+        if self.publisher is not None and self.config.mqtt.homeassistant_discovery:
+            for name in names:
+                topic, payload = discovery_payload(self.topics, name, self.config.mqtt.discovery_prefix)
+                self.publisher.publish_reliable(topic, payload, retain=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """A line in the event log (started, reloaded, commands, enrollments, ...)."""
+        self.events.write(kind, **fields)
+
+    # ------------------------------------------------------------ per window
+    def scored(self, machine: str, start: float, end: float, score: WindowScore, anomalous: bool) -> None:
+        backbones = backbone_scores(score)
+        self.telemetry.window(machine, "ok")
+        self.telemetry.set_ranks(machine, score.fused, backbones)
+        self._publish_score(ScoreMessage(self.topics.site, machine, iso_time(start), iso_time(end), "ok",
+                                         score.fused, anomalous, backbones))
+        windows.info("%-12s %s  fused %.3f%s  %s", machine, iso_time(start)[11:19], score.fused,
+                     " ANOMALOUS" if anomalous else "",
+                     "  ".join(f"{n} {r.rank:.3f} ({r.score:.3g})" for n, r in backbones.items()))
+
+    def idle(self, machine: str, start: float, end: float) -> None:
+        """A window without an anomaly decision: no bank yet, or the machine is stopped."""
+        self.telemetry.window(machine, "idle")
+        self._publish_score(ScoreMessage(self.topics.site, machine, iso_time(start), iso_time(end), "idle", None, False))
+
+    def sensor_fault(self, machine: str, start: float, end: float, faults: list[str], level: float,
+                     new: bool) -> None:
+        """A faulty window; ``new`` when the machine was not in a sensor fault before it."""
+        self.telemetry.window(machine, "sensor_fault")
+        for fault in faults:
+            self.telemetry.sensor_fault(machine, fault)
+        self._publish_score(ScoreMessage(self.topics.site, machine, iso_time(start), iso_time(end),
+                                         "sensor_fault", None, False, faults=faults))
+        console.warning("%-12s %s  SENSOR FAULT %s (level %.1f dBFS)", machine, iso_time(start)[11:19],
+                        ",".join(faults), level)
+        if new:
+            self.events.write("sensor_fault", machine=machine, faults=faults, level_dbfs=level, start=iso_time(start))
+
+    def device_fault(self, machine: str, error: str) -> None:
+        """A dead input delivers no windows: its fault is reported without one."""
+        self.telemetry.sensor_fault(machine, "device")
+        self.events.write("sensor_fault", machine=machine, faults=["device"], detail=error)
+
+    def dropped(self, machine: str, start: float | None = None) -> None:
+        """A window lost unscored because processing fell behind the audio."""
+        self.telemetry.window(machine, "dropped")
+        if start is not None:
+            log.warning("%s: processing fell behind, dropped the window at %s", machine, iso_time(start))
+
+    def window_done(self, report: WindowReport) -> None:
+        """Every output for a window is issued: its latency, the outbox depth, listeners."""
+        self.telemetry.observe_latency(report.machine, report.done - report.ready)
+        for backbone, seconds in report.stage_seconds.items():
+            if backbone.startswith("embed:"):
+                self.telemetry.observe_inference(backbone.removeprefix("embed:"), seconds)
+        if self.publisher is not None:
+            self.telemetry.set_mqtt_outbox(self.publisher.outbox_depth)
+        for listener in self._listeners:
+            listener(report)
+
+    # ------------------------------------------------------------ transitions
+    def alert(self, machine: str, kind: AlertType, event_id: str, start: float, end: float, score: WindowScore,
+              samples: np.ndarray, rate: int) -> AlertEvent:
+        """An alert raised or cleared (``start``: the episode's first anomalous window, ``end``:
+        the end of the window that decided). A raise saves the deciding window's clip first;
+        the alert goes out whatever happened to the clip."""
+        clip, clip_error = None, None
+        if kind == "raise":
+            try:
+                saved = self.clips.save(machine, end - len(samples) / rate, samples, rate)
+                clip, clip_error = (str(saved.path) if saved.path else None), saved.error
+            except Exception as exc:  # noqa: BLE001 - the alert goes out whatever happened to its clip
+                log.exception("%s: saving the alert's clip failed", machine)
+                clip_error = f"clip not saved: {type(exc).__name__}: {exc}"
+        event = AlertEvent(event_id, kind, self.topics.site, machine, iso_time(start), iso_time(end), score.fused,
+                           self.config.alerts.threshold, backbone_scores(score), score.condition, clip, clip_error)
+        self.telemetry.alert(machine, kind)
+        self.events.write("alert", alert=event)
+        if self.publisher is not None:
+            self.publisher.publish_reliable(self.topics.alert(machine), event.to_json())
+        console.warning("%-12s ALERT %s %s (fused rank %.3f)%s", machine, kind.upper(), event_id, score.fused, f", clip {clip}" if clip else f", no clip: {clip_error}")
+        return event
+
+    def state(self, machine: str, state: MachineState, detail: str, event_id: str | None) -> None:
+        """A machine's new state: retained on MQTT, in the metrics and the event log."""
+        self.telemetry.set_state(machine, state)
+        self.events.write("state", machine=machine, state=state, detail=detail)
+        if self.publisher is not None:
+            message = StateMessage(self.topics.site, machine, state, iso_time(time.time()), detail, event_id)
+            self.publisher.publish_reliable(self.topics.state(machine), message.to_json(), retain=True)
+        log.info("%s: state %s (%s)", machine, state, detail)
+
+    def bank(self, machine: str, version: str | None, previous: str | None, embeddings: Mapping[str, int]) -> None:
+        """The machine now scores against bank ``version``."""
+        self.telemetry.set_bank(machine, version or "", embeddings)
+        windows_count = max(embeddings.values(), default=0)
+        self.events.write("bank", machine=machine, version=version, previous=previous, windows=windows_count)
+        log.info("%s: bank %s in use (%d windows)%s", machine, version, windows_count,
+                 f", was {previous}" if previous else "")
+
+    # ------------------------------------------------------------ plumbing
+    def _publish_score(self, message: ScoreMessage) -> None:
+        if self.publisher is not None and self.config.mqtt.publish_scores:
+            self.publisher.publish_volatile(self.topics.score(message.machine), message.to_json())
+
+    def _mqtt_connection(self, connected: bool) -> None:
+        self.telemetry.set_mqtt_connected(connected)
+        log.info("MQTT %s %s:%s", "connected to" if connected else "disconnected from",
+                 self.config.mqtt.host, self.config.mqtt.port)
