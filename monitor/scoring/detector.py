@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitor.audio.files import Audio, fit_windows, resample
+from monitor.audio.files import Audio
 from monitor.bank.model import Bank
 from monitor.config import Config
 from monitor.errors import BackboneError
@@ -110,7 +110,6 @@ class Detector:
         the windows. ``hop_seconds`` defaults to the window length (no overlap).
         """
         cuts: dict[tuple[int, int, int | None], tuple[np.ndarray, list[float]]] = {}
-        resampled: dict[int, np.ndarray] = {}
         embeddings: dict[str, np.ndarray] = {}
         seconds: dict[str, float] = {}
         starts: list[float] | None = None
@@ -118,12 +117,7 @@ class Detector:
             meta = backbone.meta
             key = (meta.sample_rate, meta.window_samples, meta.min_samples)
             if key not in cuts:
-                rate = meta.sample_rate
-                if rate not in resampled:
-                    resampled[rate] = resample(audio.samples, audio.sample_rate, rate)
-                hop = meta.window_samples if hop_seconds is None else max(1, int(round(hop_seconds * rate)))
-                windows, offsets = fit_windows(resampled[rate], meta.window_samples, hop, meta.min_samples)
-                cuts[key] = windows, [s / rate for s in offsets]
+                cuts[key] = backbone.windows_of(audio, hop_seconds)
             windows, backbone_starts = cuts[key]
             if starts is not None and len(backbone_starts) != len(starts):
                 raise BackboneError(f"{audio.source}: backbones cut different numbers of windows")

@@ -34,7 +34,6 @@ class LiveScorer:
     def __init__(self, detector: Detector, bank: Bank, rolling_size: int) -> None:
         self.detector = detector
         self.bank_version = bank.version
-        self.bank_windows = len(bank)
         self.level_dbfs = enrolled_level(bank)  # the sensor's level-drop reference
         self.references = detector.rolling_references(rolling_size)
 
