@@ -2,7 +2,7 @@
 # Debian packages the test suite talks to for real: an MQTT broker, promtool, a PulseAudio
 # server with a null sink (a microphone without a sound card), PortAudio for sounddevice, and
 # systemd-nspawn + debootstrap to run the systemd unit in a booted Debian container
-# (tests/test_systemd.py; systemd-analyze comes with systemd itself).
+# (tests/service/test_systemd.py; systemd-analyze comes with systemd itself).
 set -euo pipefail
 packages=(mosquitto mosquitto-clients prometheus pulseaudio pulseaudio-utils libasound2-plugins libportaudio2 sox
           systemd systemd-container debootstrap)
