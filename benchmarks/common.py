@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("ASD_SHARED_DATA") or ROOT.parent / "shared" / "data")  # as in tests/conftest.py
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.errors import CheckpointError
+from monitor.errors import CheckpointError, first_line
 
 # The names ``transformers`` gives the weights in a saved model folder, preferred first.
 HUGGING_FACE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -37,12 +37,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line, for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_checkpoint(path: Path) -> Any:

@@ -15,13 +15,32 @@ import sys
 import time
 from pathlib import Path
 
-from export.checkpoint import first_line
-from export.registry import EXPORTERS
-from monitor.errors import EXIT_FAILURE, EXIT_USAGE, AsdError
+from monitor.errors import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    AsdError,
+    MissingDependency,
+    first_line,
+)
 
 log = logging.getLogger(__name__)
 
+# What the export extra brings; the runtime (asd-monitor) needs none of it.
+EXPORT_PACKAGES = ("torch", "onnx", "onnxscript")
+
 ASSETS = Path(__file__).resolve().parent.parent / "monitor" / "assets"
+
+
+def exporters() -> dict:
+    """The registry, or one line naming the extra to install when torch or onnx is missing."""
+    try:
+        from export.registry import EXPORTERS
+    except ModuleNotFoundError as exc:
+        if exc.name not in EXPORT_PACKAGES:
+            raise
+        raise MissingDependency(f"{exc.name} is not installed: asd-export needs the export extra "
+                                "(pip install -e '.[export]')") from None
+    return EXPORTERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log the exporter's own steps")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the backbones this exporter knows")
-    for name, exporter in EXPORTERS.items():
+    for name, exporter in exporters().items():
         p = sub.add_parser(name, help=f"export {name}: {exporter.summary}")
         p.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
         p.add_argument("--checkpoint", type=Path, help=f"checkpoint: {exporter.checkpoint}")
@@ -61,7 +80,7 @@ def export_one(args: argparse.Namespace, name: str) -> Path:
     )
 
     started = time.perf_counter()
-    module, meta = EXPORTERS[name].build(args)
+    module, meta = exporters()[name].build(args)
     precision = getattr(args, "quantize", None) or getattr(args, "precision", "fp32")
     path = export_backbone(module, meta, args.out, precision=precision,
                            external_data=True if getattr(args, "external_data", False) else None)
@@ -72,22 +91,23 @@ def export_one(args: argparse.Namespace, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "list":
-        for e in EXPORTERS.values():
-            kind = "built-in" if e.builtin else "checkpoint"
-            print(f"{e.name:14s} {e.summary} [{kind}]\n{'':14s} licence: {e.licence}\n{'':14s} checkpoint: {e.checkpoint}")
-        return 0
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        registry = exporters()
+        if args.command == "list":
+            for e in registry.values():
+                kind = "built-in" if e.builtin else "checkpoint"
+                print(f"{e.name:14s} {e.summary} [{kind}]\n{'':14s} licence: {e.licence}\n{'':14s} checkpoint: {e.checkpoint}")
+            return 0
         if args.command == "builtins":
-            for name, exporter in EXPORTERS.items():
+            for name, exporter in registry.items():
                 if exporter.builtin:
                     defaults = argparse.Namespace(out=args.out, checkpoint=None, random_init=False)
                     print(export_one(defaults, name))
             return 0
-        if not EXPORTERS[args.command].builtin and args.checkpoint is None and not args.random_init:
+        if not registry[args.command].builtin and args.checkpoint is None and not args.random_init:
             print(f"asd-export: error: {args.command} needs --checkpoint FILE (or --random-init)", file=sys.stderr)
             return EXIT_USAGE
         print(export_one(args, args.command))

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from export.checkpoint import (
-    first_line,
     hugging_face_weight_file,
     load_strict,
     randomise_norms,
@@ -42,7 +41,7 @@ from export.checkpoint import (
 )
 from export.contract import metadata
 from export.frontend import ReflectPowerMel
-from monitor.errors import CheckpointError
+from monitor.errors import CheckpointError, first_line
 from monitor.scoring.metadata import BackboneMetadata
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib.util
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from monitor import __version__
 from monitor.audio.files import find_audio
 from monitor.bank.model import DEFAULT_CONDITION
 from monitor.bank.store import BankStore
-from monitor.config import BackboneConfig, Config, load_config
+from monitor.config import BackboneConfig, Config, check_backbones, load_config
 from monitor.errors import (
     EXIT_DATA,
     EXIT_FAILURE,
@@ -38,15 +39,23 @@ from monitor.scoring.recording import score_recording
 log = logging.getLogger(__name__)
 
 
-def _progress_factory(description: str):
-    """A tqdm bar on stderr when it is a terminal, nothing in a pipe or the journal."""
+def _progress_factory(description: str, unit: str = "clip"):
+    """A tqdm bar on stderr when it is a terminal, nothing in a pipe or the journal. Counted in
+    seconds of audio (``unit="s"``) it advances block by block, so a long file shows progress."""
     from tqdm import tqdm
 
-    def make(total: int):
-        bar = tqdm(total=total, desc=description, unit="clip", disable=None, leave=False)
+    def make(total: float):
+        bar = tqdm(total=total, desc=description, unit=unit, unit_scale=unit == "s", disable=None, leave=False)
         return bar.update
 
     return make
+
+
+def _audio_seconds(paths: list[Path]) -> float:
+    """The files' length from their headers (nothing decoded): a bar's total."""
+    from monitor.audio.files import AudioFile
+
+    return sum(AudioFile.open(path).seconds for path in paths)
 
 
 def _positive_int(text: str) -> int:
@@ -74,29 +83,39 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _set_file_mode(config: Config) -> None:
+    """Whatever this command writes gets ``daemon.file_mode``'s permissions. Set once through the
+    process umask, which every writer follows (sqlite, soundfile, the bank store, threads)."""
+    os.umask(config.daemon.umask())
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     from monitor.enrollment.files import NoiseMixing, enroll_files
 
     if args.mix_noise and args.noise:
         raise UsageError("--mix-noise mixes machine recordings with site noise; it cannot go with --noise")
-    detector = Detector.from_config(_config(args))
+    config = _config(args)
+    _set_file_mode(config)
+    detector = Detector.from_config(config)
     paths = find_audio(args.paths)
     mixing = NoiseMixing(find_audio(args.mix_noise), args.mixes, args.snr_db) if args.mix_noise else None
     condition = NOISE_CONDITION if args.noise else args.condition
+    seconds = _audio_seconds(paths) * (1 + (mixing.mixes if mixing else 0))
     result = enroll_files(detector, BankStore(args.bank), paths, condition, args.replace, args.note,
-                          _progress_factory("enroll")(len(paths)), mixing)
+                          _progress_factory("enroll", "s")(seconds), mixing)
+    left_out = f", {result.left_out_windows} left out by the sensor checks" if result.left_out else ""
     print(f"bank {args.bank}: version {result.version}, {len(result.bank)} windows "
-          f"({result.new_windows} new, condition {condition}), backbones {', '.join(result.bank.backbones)}")
+          f"({result.new_windows} new, condition {condition}{left_out}), backbones {', '.join(result.bank.backbones)}")
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    detector = Detector.from_config(_config(args))
-    detector.fit(BankStore(args.bank).load())
-    threshold = detector.config.alerts.threshold
+def _score_rows(detector: Detector, paths: list[Path]) -> list[dict]:
+    """One row per file for ``score``. The bar lives in this frame: it is gone (tqdm clears it
+    when collected, as the enroll and evaluate bars are) before the results are printed."""
+    progress = _progress_factory("score", "s")(_audio_seconds(paths))
     rows = []
-    for path in find_audio(args.paths):
-        result = score_recording(detector, path)
+    for path in paths:
+        result = score_recording(detector, path, progress)
         worst, scores = result.worst, result.scores
         rows.append({
             "file": str(path), "windows": len(result.starts), "idle_windows": int(scores.idle.sum()),
@@ -106,6 +125,14 @@ def cmd_score(args: argparse.Namespace) -> int:
                 name: {"score": float(scores.raw[name][worst]), "rank": float(scores.ranks[name][worst])}
                 for name in scores.raw},
         })
+    return rows
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    detector = Detector.from_config(_config(args))
+    detector.fit(BankStore(args.bank).load())
+    threshold = detector.config.alerts.threshold
+    rows = _score_rows(detector, find_audio(args.paths))
     if args.json:
         print(json.dumps({"threshold": threshold, "bank": str(args.bank), "results": rows}, indent=2))
         return 0
@@ -126,15 +153,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.offline.evaluate import print_table, run_evaluation
     from monitor.offline.report import to_json
 
+    out = args.out or Path("out") / f"evaluate-{Path(args.dataset).resolve().name}"
     detector = Detector.from_config(_config(args))
-    results, summary = run_evaluation(detector, args.dataset, args.out, _progress_factory("evaluate"))
+    results, summary = run_evaluation(detector, args.dataset, out, _progress_factory("evaluate"))
     if args.json:
         print(to_json(summary), end="")
     else:
         print(print_table(results, summary))
-        print(f"official score (fused): {summary['official_score']:.3f}   elapsed {summary['elapsed_seconds']:.0f} s")
-    if args.out:
-        print(f"wrote {args.out}/results.json, roc.png and the official CSV files")
+        score = summary["official_score"]
+        shown = f"{score:.3f}" if score == score else "undefined (no machine has figures)"  # NaN != NaN
+        print(f"official score (fused): {shown}   elapsed {summary['elapsed_seconds']:.0f} s")
+    print(f"wrote {out / 'results.json'}, {out / 'roc.png'} and the official CSV files in {out}",
+          file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -151,6 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _required_config(args, "run")
     if not config.machines:
         raise ConfigError(f"{args.config}: machines: nothing to monitor (add a machine and a source)")
+    check_backbones(config, str(args.config))
+    _set_file_mode(config)
     return run_daemon(Daemon(config, args.config))
 
 
@@ -193,9 +225,14 @@ def cmd_enroll_live(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """What ``run`` checks before it starts, starting nothing. Without onnxruntime (a plain
+    install) the model files are looked for but not opened, and the answer says so."""
     config = load_config(args.file)
+    loadable = importlib.util.find_spec("onnxruntime") is not None
+    check_backbones(config, str(args.file), load=loadable)
+    unchecked = "" if loadable else "; models not opened: onnxruntime is not installed"
     print(f"{args.file}: ok ({len(config.machines)} machine(s), {len(config.sources)} source(s), "
-          f"backbones {', '.join(b.model for b in config.backbones)})")
+          f"backbones {', '.join(b.model for b in config.backbones)}{unchecked})")
     return 0
 
 
@@ -209,22 +246,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logging.getLogger(WINDOWS_LOG).setLevel(logging.INFO)
     for name in ("monitor.service.daemon", "monitor.outputs.fanout"):  # the metrics URL, MQTT and states
         logging.getLogger(name).setLevel(logging.INFO)
-    with tempfile.TemporaryDirectory(prefix="asd-demo-") as tmp:
-        state = args.state_dir or Path(tmp)
-        config = demo.demo_config(state, args.speed, _config(args))
-        detector = Detector.from_config(config)
-        print(f"== enrolling {len(demo.enroll_clips())} recordings of a healthy fan (MIMII, CC BY-SA 4.0)")
-        from monitor.enrollment.files import enroll_files
+    state = args.state_dir or Path(tempfile.mkdtemp(prefix="asd-demo-"))  # kept: its clip and events are the result
+    config = demo.demo_config(state, args.speed, _config(args))
+    _set_file_mode(config)
+    detector = Detector.from_config(config)
+    print(f"== enrolling {len(demo.enroll_clips())} recordings of a healthy fan (MIMII, CC BY-SA 4.0)")
+    from monitor.enrollment.files import enroll_files
 
-        enrolled = enroll_files(detector, BankStore(demo.bank_dir(state)), demo.enroll_clips(), DEFAULT_CONDITION, replace=True)
-        print(f"   bank {demo.bank_dir(state)}: {len(enrolled.bank)} windows")
-        daemon = Daemon(config)
-        print(f"== replaying {len(demo.replay_clips())} recordings at {args.speed:g}x: 30 s healthy, then 50 s of "
-              f"the same fan with a fault ({demo.describe_outputs(config)})")
-        code = run_daemon(daemon)
-        print(f"== done: {daemon.windows_processed} windows scored; events in {config.daemon.state_dir / 'events.jsonl'}"
-              if args.state_dir else f"== done: {daemon.windows_processed} windows scored")
-        return code
+    enrolled = enroll_files(detector, BankStore(demo.bank_dir(state)), demo.enroll_clips(), DEFAULT_CONDITION, replace=True)
+    print(f"   bank {demo.bank_dir(state)}: {len(enrolled.bank)} windows")
+    daemon = Daemon(config)
+    daemon.add_listener(demo.fault_marker(config, lambda: daemon.sources["replay"].start_time))
+    print(f"== replaying {len(demo.replay_clips())} recordings at {args.speed:g}x: {demo.healthy_seconds():g} s healthy, "
+          f"then the same fan with a fault ({demo.describe_outputs(config)})")
+    print(demo.explain(config), flush=True)
+    code = run_daemon(daemon)
+    clips = sorted((state / "clips").rglob("*.flac"))
+    print(f"== done: {daemon.windows_processed} windows scored (the metrics endpoint closed with the demo)")
+    print(f"   kept in {state}: events {state / 'events.jsonl'}"
+          + (f", alert clip {clips[-1]}" if clips else ", no alert clip"))
+    return code
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
@@ -254,6 +295,10 @@ def cmd_bank(args: argparse.Namespace) -> int:
         target = args.version or _previous_version(store)
         store.set_current(target)
         print(f"bank {args.bank}: current version is now {target} (a running daemon switches within seconds)")
+        return 0
+    if action == "use":
+        store.set_current(args.version)
+        print(f"bank {args.bank}: current version is now {args.version} (a running daemon switches within seconds)")
         return 0
     if action == "compact":
         from monitor.bank.compaction import compact
@@ -330,14 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[common], help="DCASE-style evaluation on a labelled data set")
     p.add_argument("dataset", type=Path, metavar="DATASET", help="folder with <machine>/train and <machine>/test")
     p.add_argument("--backbone", action="append", help=backbone_help)
-    p.add_argument("--out", type=Path, help="write results.json, roc.png and the official CSVs here")
+    p.add_argument("--out", type=Path,
+                   help="write results.json, roc.png and the official CSVs here (default: out/evaluate-DATASET)")
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bank", parents=[common], help="list, show, roll back, compact, prune, export or import bank versions")
+    p = sub.add_parser("bank", parents=[common], help="list, show, use, roll back, compact, prune, export or import bank versions")
     bank_sub = p.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
     for name, text in (("list", "every version, * marks the current one"), ("show", "one version as JSON"),
                        ("rollback", "make an earlier version current (default: the current one's parent)"),
+                       ("use", "make a given version current (also repairs a bank whose CURRENT file was lost)"),
                        ("prune", "delete old versions"), ("export", "write a version as .tar.gz"),
                        ("import", "add an exported version as the new current one"),
                        ("compact", "new version with each large condition as k-means centroids (measured to cost "
@@ -346,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--bank", type=Path, required=True, help="bank directory")
         if name in ("show", "rollback", "export"):
             q.add_argument("--version", help="version (default: current)" if name != "rollback" else "target version")
+        if name == "use":
+            q.add_argument("--version", required=True, help="the version to make current")
         if name == "compact":
             q.add_argument("--max-windows", type=_positive_int, required=True,
                            help="conditions with more windows become this many centroids; smaller ones stay as they are")
@@ -409,6 +458,8 @@ def setup_logging(verbosity: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    umask = os.umask(0o077)  # only setting the umask reads it
+    os.umask(umask)
     try:
         return args.func(args)
     except AsdError as exc:
@@ -417,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        os.umask(umask)  # main() also runs inside other processes (tests, scripts): leave theirs as found
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from monitor.bank.model import DEFAULT_CONDITION
-from monitor.errors import ConfigError
-from monitor.scoring.backbone import Provider
+from monitor.errors import BackboneError, ConfigError
+from monitor.scoring.backbone import Backbone, Provider, resolve_model
 from monitor.scoring.knn import IndexType, Metric
 from monitor.scoring.ranking import FusionRule
 
@@ -152,7 +152,7 @@ class MqttConfig:
     password_file: Path | None = None
     password_env: str | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
-    keepalive: int = field(default=30, metadata=_range(5))
+    keepalive: int = field(default=30, metadata=_range(5, 65535))  # MQTT's keepalive is a 16-bit field
     topic_prefix: str = "asd"
     site: str = "default"
     publish_scores: bool = True
@@ -208,11 +208,20 @@ class DaemonConfig:
     name: str = "asd-monitor"
     # None: systemd's $STATE_DIRECTORY (StateDirectory=), else /var/lib/asd-monitor.
     state_dir: Path | None = None
-    hop_seconds: float = field(default=10.0, metadata=_range(0.0, exclusive_min=True))
+    # Every hop is one backbone inference per machine: below 0.1 s (10 windows a second per
+    # machine) the worker falls behind and the queue drops windows, and a hop shorter than one
+    # sample rounds to no audio at all.
+    hop_seconds: float = field(default=10.0, metadata=_range(0.1))
     # Windows waiting for the scorer; 0 = max(8, 2 x machines): every hop delivers one window
     # per machine at once, so a fixed small queue drops windows on a box with many machines.
     queue_size: int = field(default=0, metadata=_range(0))
     event_log: Path | None = None  # default: <state_dir>/events.jsonl
+    # Who may read what the daemon and the enroll commands write (events, outbox, clips, banks):
+    # the owner only (umask 077, as the systemd unit's UMask=0077), or its group too (027).
+    file_mode: Literal["private", "group"] = "private"
+
+    def umask(self) -> int:
+        return 0o027 if self.file_mode == "group" else 0o077
 
     def resolved_queue_size(self, machines: int) -> int:
         return self.queue_size or max(8, 2 * machines)
@@ -255,6 +264,35 @@ class Config:
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping, with both lines."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} given twice (first at line {first_line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last one
+    silently, so an edit appended below an old setting would win without a word while the
+    reader of the file sees the first one. Keys taken in with a ``<<`` merge may still be
+    overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKey(key, line, first[key])
+                first[key] = line
+            except TypeError:  # an unhashable key: the SafeLoader's own error names it
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a YAML file; an empty file gives the defaults."""
     source = str(path)
@@ -262,8 +300,13 @@ def load_config(path: Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data, no Python objects
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -276,6 +319,26 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
     config = _build(Config, data, "", source)
     _check_config(config, source)
     return config
+
+
+def check_backbones(config: Config, source: str, load: bool = True) -> None:
+    """What ``load_config`` leaves out because it costs a model load; ``check-config`` runs it,
+    and ``run`` before anything starts. Every ``backbones[].model`` must be a built-in or an
+    existing file (else a ConfigError, exit 78) and, with ``load``, an ONNX graph onnxruntime
+    opens, carrying our ``asd.*`` metadata: a file that is not is bad input data, so its own
+    error (exit 65, as at the start) with the key prepended. Loaded on the CPU: the file is
+    checked here, the provider is the start's business."""
+    for i, backbone in enumerate(config.backbones):
+        key = f"{source}: backbones[{i}].model"
+        try:
+            path = resolve_model(backbone.model)
+        except BackboneError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if load:
+            try:
+                Backbone.load(path, "cpu", threads=1)
+            except BackboneError as exc:
+                raise type(exc)(f"{key}: {exc}") from None
 
 
 def _check_config(config: Config, source: str) -> None:
@@ -320,13 +383,53 @@ def _check_config(config: Config, source: str) -> None:
         path = getattr(mqtt.tls, key)
         if path is not None and not path.is_file():
             raise ConfigError(f"{source}: mqtt.tls.{key}: {path} does not exist")
-    for key in ("topic_prefix", "site"):
-        value = getattr(mqtt, key)
-        if any(c in value for c in "+#/"):
-            raise ConfigError(f"{source}: mqtt.{key}: {value!r} must not contain '+', '#' or '/'")
+    _check_topic(source, "daemon.name", config.daemon.name, one_level=True)
+    _check_topic(source, "mqtt.site", mqtt.site, one_level=True)
+    _check_topic(source, "mqtt.topic_prefix", mqtt.topic_prefix, one_level=False)
+    _check_topic(source, "mqtt.discovery_prefix", mqtt.discovery_prefix, one_level=False)
     for i, machine in enumerate(config.machines):
-        if any(c in machine.name for c in "+#/") or machine.name != machine.name.strip():
-            raise ConfigError(f"{source}: machines[{i}].name: {machine.name!r} must not contain '+', '#', '/' or outer spaces")
+        _check_topic(source, f"machines[{i}].name", machine.name, one_level=True)
+        if machine.name != machine.name.strip():
+            raise ConfigError(f"{source}: machines[{i}].name: {machine.name!r} must not have outer spaces")
+    state_dir = config.daemon.resolved_state_dir()
+    _check_location(source, "daemon.state_dir", state_dir, directory=True)
+    _check_location(source, "daemon.event_log", config.daemon.event_log or state_dir / "events.jsonl", directory=False)
+    _check_location(source, "daemon.state_dir", state_dir / "clips", directory=True)
+    if mqtt.enabled:
+        _check_location(source, "daemon.state_dir", state_dir / "outbox.sqlite", directory=False)
+    for i, machine in enumerate(config.machines):
+        _check_location(source, f"machines[{i}].bank", machine.bank or state_dir / "banks" / machine.name, directory=True)
+
+
+def _check_topic(source: str, key: str, value: str, one_level: bool) -> None:
+    """A part of our MQTT topics. Wildcards (``+``, ``#``) and NUL are not allowed in a topic
+    name (the broker would drop the connection on the first publish); the site, daemon and
+    machine names are one level each, so no ``/`` either (``fan/1`` would shift every level a
+    subscriber's filter counts on); a prefix may have several levels, but no empty one."""
+    if any(c in value for c in "+#\0") or (one_level and "/" in value):
+        allowed = "'+', '#', '/' or NUL (one MQTT topic level)" if one_level else "'+', '#' or NUL (MQTT wildcards)"
+        raise ConfigError(f"{source}: {key}: {value!r} must not contain {allowed}")
+    if "" in value.split("/"):
+        raise ConfigError(f"{source}: {key}: {value!r} has an empty MQTT topic level (leading, trailing or double '/')")
+
+
+def _check_location(source: str, key: str, path: Path, directory: bool) -> None:
+    """A path the daemon writes: an existing one of the wrong type, or a missing one whose
+    nearest existing ancestor is not a directory (so it can never be created), is an error now
+    rather than a traceback once models are loaded. Whether the daemon's user may write there
+    is left to the start: ``check-config`` often runs as another user than the daemon, and what
+    it cannot look at (permissions) it does not judge."""
+    try:
+        if path.exists():
+            if path.is_dir() != directory:
+                expected = "a directory" if directory else "a file"
+                raise ConfigError(f"{source}: {key}: {path} exists but is not {expected}")
+            return
+        ancestor = next(p for p in path.parents if p.exists())
+    except OSError:
+        return
+    if not ancestor.is_dir():
+        raise ConfigError(f"{source}: {key}: cannot create {path}: {ancestor} is not a directory")
 
 
 def _check_unique(source: str, key: str, names: list[str]) -> None:

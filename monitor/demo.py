@@ -8,6 +8,7 @@ without a microphone shows windows, ranks, an alert, metrics and (when a broker 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from monitor.config import (
     MqttConfig,
     SourceConfig,
 )
+from monitor.outputs.fanout import WindowReport
 from monitor.scoring.backbone import ASSETS
 
 DEMO_DIR = ASSETS / "demo" / "mimii-fan"
@@ -37,6 +39,42 @@ def enroll_clips() -> list[Path]:
 
 def replay_clips() -> list[Path]:
     return _clips("normal")[ENROLLED:] + _clips("anomaly")
+
+
+def healthy_seconds() -> float:
+    """How long the replay's healthy part lasts: the fault begins after it."""
+    import soundfile as sf
+
+    return sum(sf.info(str(p)).duration for p in _clips("normal")[ENROLLED:])
+
+
+def fault_marker(config: Config, replay_start: Callable[[], float | None]) -> Callable[[WindowReport], None]:
+    """A window listener that prints one line where the replayed audio turns faulty: after the
+    last window of healthy audio only, before the first that holds some of the fault."""
+    healthy, hop = healthy_seconds(), config.daemon.hop_seconds
+    shown = False
+
+    def mark(report: WindowReport) -> None:
+        nonlocal shown
+        start = replay_start()
+        if shown or start is None:
+            return
+        if report.end - start + hop > healthy + 1e-6:
+            shown = True
+            print(f"-- the fault begins {healthy:g} s into the replay: the next windows hold the faulty fan --",
+                  flush=True)
+
+    return mark
+
+
+def explain(config: Config) -> str:
+    """What the console lines mean, and why the demo's threshold is not the default one."""
+    return (f"   each line: window start, fused rank (share of enrolled normal windows that scored lower), then per\n"
+            f"   backbone its rank and, in brackets, its raw KNN distance to the nearest enrolled window.\n"
+            f"   ANOMALOUS above rank {config.alerts.threshold:g}; an alert needs {config.alerts.raise_count} of "
+            f"{config.alerts.raise_window} windows. The default threshold is 0.99, but only {ENROLLED} recordings\n"
+            f"   are enrolled here, so ranks move in steps of 1/{ENROLLED} and 0.99 would mean 'above every enrolled\n"
+            f"   window'. Enroll minutes of audio in production.")
 
 
 def bank_dir(state_dir: Path) -> Path:
@@ -76,4 +114,4 @@ def demo_config(state_dir: Path, speed: float, base: Config) -> Config:
 def describe_outputs(config: Config) -> str:
     mqtt = (f"MQTT to {config.mqtt.host}:{config.mqtt.port} under {config.mqtt.topic_prefix}/{config.mqtt.site}/"
             if config.mqtt.enabled else "no MQTT broker on 127.0.0.1:1883, not publishing")
-    return f"{mqtt}; Prometheus metrics on a free loopback port (URL below)"
+    return f"{mqtt}; Prometheus metrics on a free loopback port while it runs (URL below)"

@@ -17,10 +17,21 @@ EXIT_DATA = 65  # bad input data: audio, bank, model, data set
 EXIT_CONFIG = 78  # bad configuration
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line errors (libraries' own
+    messages can run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class AsdError(Exception):
     """Root of this package's errors; the message is one line naming what is wrong."""
 
     exit_code = EXIT_FAILURE
+
+
+class MissingDependency(AsdError):
+    """A package this command needs is not installed; the message names the extra to install."""
 
 
 class UsageError(AsdError):
@@ -46,6 +57,14 @@ class AudioError(DataError):
     """An audio file cannot be used: unreadable, empty, or not finite."""
 
 
+class ClipTooShort(AudioError):
+    """A recording shorter than the shortest a backbone accepts (``monitor.audio.files``)."""
+
+
+class NothingToEnroll(AudioError):
+    """Every window offered for enrollment failed the sensor checks: no normal sound is left."""
+
+
 class AudioDeviceError(AsdError, RuntimeError):
     """An input device cannot be opened or has failed; the message is one line naming it."""
 
@@ -57,6 +76,14 @@ class BankError(DataError):
 
 class BankNotFound(BankError):
     """No bank version exists at the path (nothing enrolled yet)."""
+
+
+class BankCurrentMissing(BankError):
+    """Versions exist but no ``CURRENT`` names one: damage, not an empty bank.
+
+    Not a :class:`BankNotFound`: treating it as "nothing enrolled" would start a new bank
+    without the enrolled windows, or leave the daemon watching nothing.
+    """
 
 
 # ------------------------------------------------------------------ scoring

@@ -16,14 +16,17 @@ import pytest
 
 from tests.broker import Broker, free_port, tool
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The team's labelled recordings: ``../shared/data`` beside the repository, or wherever
+# ASD_SHARED_DATA points (a clone elsewhere).
+SHARED_DATA_ENV = "ASD_SHARED_DATA"
+SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of ``../shared/data`` beside the repository; skips the test where it is absent (e.g. a bare clone)."""
+    """The shared data folder; skips the test where it is absent (e.g. a bare clone)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
+        pytest.skip(f"shared data not found at {SHARED_DATA}: set {SHARED_DATA_ENV}=/path/to/shared/data to run this test")
     return SHARED_DATA
 
 

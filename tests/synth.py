@@ -25,7 +25,10 @@ def machine_sound(seed: int, seconds: float = 10.0, fault: bool = False, rate: i
         impacts = (np.sin(2 * np.pi * 7.0 * t) > 0.995).astype(float)
         x = x + 0.3 * np.convolve(impacts * rng.standard_normal(t.size), np.exp(-np.arange(200) / 30.0), "same")
     x = x * (0.5 + 0.05 * rng.standard_normal())
-    return np.clip(x, -0.95, 0.95).astype(np.float32)  # below the sensor check's clipping level
+    # Scaled, not clipped, below full scale: a flat top at any level is a clipping sensor fault,
+    # and a faulty machine must sound like one, not like a faulty microphone (normal sound never
+    # comes near 0.95 and is left as it is).
+    return (x * min(1.0, 0.95 / np.max(np.abs(x)))).astype(np.float32)
 
 
 def site_noise(seed: int, seconds: float = 10.0, rate: int = RATE) -> np.ndarray:

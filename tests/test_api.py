@@ -43,7 +43,7 @@ def test_the_readme_example_enrolls_and_scores(tmp_path: Path, monkeypatch) -> N
 
 
 def test_score_recording_reports_every_window(tmp_path: Path) -> None:
-    from monitor import BankStore, Detector, Config, enroll_files, score_recording
+    from monitor import BankStore, Config, Detector, enroll_files, score_recording
     from monitor.config import BackboneConfig
 
     detector = Detector.from_config(Config(backbones=[BackboneConfig("logmel")]))

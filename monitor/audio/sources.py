@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -290,6 +290,11 @@ class FileSource:
     when the ring's consumer is behind, replay pauses instead of overwriting audio it has not
     read, so every window of the files is scored whatever the speed. When the files end and
     ``loop`` is off, ``finished`` is set so the daemon can drain the last windows and stop.
+
+    A file that cannot be played as promised (unreadable, or recorded below the source's rate)
+    is skipped and the replay goes on with the next: ``on_skip(path, reason)`` tells the owner
+    (the daemon logs an event). ``error`` stays None, since it means "the device is down" and
+    would turn every later window into a sensor fault.
     """
 
     def __init__(self, config: SourceConfig, ring_seconds: float = 60.0) -> None:
@@ -307,6 +312,8 @@ class FileSource:
         self.live = False
         self.finished = threading.Event()
         self.start_time: float | None = None
+        self.on_skip: Callable[[Path, str], None] | None = None  # called on the replay thread
+        self._skipped: set[Path] = set()  # reported once: a looping replay meets them every pass
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -363,16 +370,20 @@ class FileSource:
 
     def _decoded(self) -> Iterator[np.ndarray]:
         """Each file as float32 [n, channels] at the source rate, one at a time (a folder of
-        recordings need not fit in memory). An unreadable file is logged, reported in
-        ``error`` and skipped."""
+        recordings need not fit in memory). A file that cannot be used is skipped; the first
+        time, it is logged and passed to ``on_skip``."""
         for path in self.files:
             if self._stopping.is_set():
                 return
             try:
                 yield self._load(path)
             except AudioError as exc:
+                if path in self._skipped:
+                    continue
+                self._skipped.add(path)
                 log.error("%s: skipping %s", self.name, exc)
-                self.error = str(exc)
+                if self.on_skip is not None:
+                    self.on_skip(path, str(exc))
 
     def _load(self, path: Path) -> np.ndarray:
         if self.channels > 1 and _file_channels(path) == self.channels:
@@ -385,6 +396,12 @@ class FileSource:
         else:
             audio = load_audio(path)
             data, rate = audio.samples[:, None], audio.sample_rate
+        if rate < self.sample_rate:
+            # Upsampling cannot restore the band above rate/2, so the windows would be judged
+            # against a bank enrolled with sound the file never had (enroll and score refuse the
+            # same through ``check_audio_rate``).
+            raise AudioError(f"{path}: recorded at {int(rate)} Hz, below the source's {self.sample_rate} Hz: it holds "
+                             f"no sound above {rate / 2:g} Hz; resampling cannot add it")
         data = resample(data, int(rate), self.sample_rate)
         if data.shape[1] != self.channels:
             data = np.repeat(data, self.channels, axis=1)

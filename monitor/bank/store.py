@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from monitor.bank.model import BACKBONE_NAME, Bank, BankItem, parent_of
-from monitor.errors import BankError, BankNotFound
+from monitor.errors import BankCurrentMissing, BankError, BankNotFound
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class BankStore:
                 raise BankNotFound(f"bank {self.path}: directory not found")
             version = self.current()
             if version is None:
+                self._refuse_missing_current()
                 raise BankNotFound(f"bank {self.path}: no CURRENT file (nothing saved yet)")
             if not (self._versions_dir / version).is_dir():
                 # Not BankNotFound: a dangling pointer is damage, not a fresh bank.
@@ -161,6 +162,8 @@ class BankStore:
             raise BankError(f"bank prune: keep must be >= 1, got {keep}")
         with self._lock():
             current = self.current()
+            if current is None:
+                self._refuse_missing_current()
             versions = self.versions()
             doomed = [v for v in versions[:-keep] if v != current]
             for version in doomed:
@@ -176,6 +179,7 @@ class BankStore:
         """Write one verified version as a .tar.gz (for another box or a backup)."""
         version = version or self.current()
         if version is None:
+            self._refuse_missing_current()
             raise BankNotFound(f"bank {self.path}: nothing to export (no CURRENT)")
         folder = self._version_dir(version)
         _read_version(folder)
@@ -223,6 +227,18 @@ class BankStore:
         fresh = Bank(items=imported.items, embeddings=imported.embeddings, model_ids=imported.model_ids,
                      parent=self.current() if self.path.is_dir() else None)
         return self.save(fresh, note=note or f"imported from {Path(archive_path).name} ({imported.version})")
+
+    def _refuse_missing_current(self) -> None:
+        """Raise when versions exist although CURRENT does not (deleted, or lost in a crash of
+        the very first save). Which version was in use is then unknown, so nothing guesses it:
+        enrolling on as if the bank were empty would drop every enrolled window, and a daemon
+        would watch the machine unscored."""
+        versions = self.versions()
+        if versions:
+            raise BankCurrentMissing(
+                f"bank {self.path}: CURRENT is missing but {len(versions)} version(s) exist "
+                f"({versions[0]}..{versions[-1]}): pick the one to use (asd-monitor bank list --bank {self.path}), "
+                f"then: asd-monitor bank use --bank {self.path} --version {versions[-1]}")
 
     def _version_dir(self, version: str) -> Path:
         if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):

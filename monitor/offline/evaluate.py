@@ -9,6 +9,7 @@ daemon's own rule: fused rank against the bank's leave-one-out reference above t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.audio.files import load_audio
+from monitor.audio.files import AudioFile
 from monitor.bank.model import DEFAULT_CONDITION, Bank, BankItem
 from monitor.enrollment.files import embed_windows
 from monitor.errors import DatasetError
@@ -25,6 +26,7 @@ from monitor.offline.dataset import Clip, scan_dataset
 from monitor.offline.dcase import Figures, machine_figures, official_score
 from monitor.offline.report import (
     FUSED,
+    MachinePlot,
     format_table,
     plot_machines,
     write_official_csv,
@@ -46,8 +48,14 @@ class MachineResult:
     clips: list[Clip]
     raw: dict[str, np.ndarray]  # per backbone: clip score (max over its windows)
     fused: np.ndarray  # transductive fused rank per clip
-    decisions: np.ndarray  # bool per clip
+    decision_ranks: np.ndarray  # per clip: its highest fused rank against the bank (the daemon's rule)
+    threshold: float  # alerts.threshold: a clip is anomalous above it
     figures: dict[str, Figures] = field(default_factory=dict)
+
+    @property
+    def decisions(self) -> np.ndarray:
+        """Per clip: flagged by the daemon's rule."""
+        return self.decision_ranks > self.threshold
 
 
 def clip_condition(clip: Clip) -> str:
@@ -56,13 +64,15 @@ def clip_condition(clip: Clip) -> str:
 
 def build_bank(detector: Detector, clips: Sequence[Clip], progress: Progress = lambda n: None) -> Bank:
     """An in-memory bank of every window of the given clips (condition = the clip's domain),
-    made as enrollment makes one."""
+    made as enrollment makes one: read a block at a time, faulty windows left out."""
     items: list[BankItem] = []
     parts: dict[str, list[np.ndarray]] = {name: [] for name in detector.model_ids}
     for clip in clips:
-        clip_items, embeddings = embed_windows(detector, load_audio(clip.path), str(clip.path), clip_condition(clip))
-        items += clip_items
-        for name, emb in embeddings.items():
+        windows = embed_windows(detector, AudioFile.open(clip.path), str(clip.path), clip_condition(clip))
+        if windows.left_out:
+            log.warning("%s", windows.left_out)
+        items += windows.items
+        for name, emb in windows.embeddings.items():
             parts[name].append(emb)
         progress(1)
     return Bank().add(items, {name: np.concatenate(v) for name, v in parts.items()}, detector.model_ids)
@@ -78,15 +88,15 @@ def evaluate_machine(detector: Detector, machine: str, clips: Sequence[Clip], pr
     detector.fit(build_bank(detector, train, progress))
     names = list(detector.model_ids)
     raw = {name: np.empty(len(test)) for name in names}
-    decisions = np.zeros(len(test), dtype=bool)
+    decision_ranks = np.empty(len(test))
     for i, clip in enumerate(test):
         scores = score_recording(detector, clip.path).scores
         for name in names:
             raw[name][i] = scores.raw[name].max()
-        decisions[i] = bool((scores.fused > detector.config.alerts.threshold).any())
+        decision_ranks[i] = scores.fused.max()
         progress(1)
     fused = fuse({n: self_rank(raw[n]) for n in names}, detector.weights, detector.config.fusion.rule)
-    result = MachineResult(machine, list(test), raw, fused, decisions)
+    result = MachineResult(machine, list(test), raw, fused, decision_ranks, detector.config.alerts.threshold)
     labelled = [i for i, c in enumerate(test) if c.label is not None]
     if len({test[i].is_anomaly for i in labelled}) < 2:
         log.warning("machine %s: test clips need both normal and anomalous labels for figures; none computed", machine)
@@ -112,7 +122,12 @@ def evaluate(detector: Detector, root: Path, progress_factory: Callable[[int], P
 def summarise(results: Sequence[MachineResult], detector: Detector, root: Path, seconds: float) -> dict:
     systems = list(detector.model_ids) + [FUSED]
     per_machine = {r.machine: {s: r.figures[s].to_dict() for s in systems if s in r.figures} for r in results}
-    overall = {s: official_score(r.figures[s] for r in results if s in r.figures) for s in systems}
+    # A machine whose labelled test clips are of one class has no figures (an AUC needs both);
+    # the others are still evaluated, and with none left the official score is undefined (NaN,
+    # null in results.json) rather than the evaluation failing after every clip was scored.
+    undefined = {r.machine: _why_undefined(r) for r in results if not r.figures}
+    overall = {s: official_score(figures) if (figures := [r.figures[s] for r in results if s in r.figures]) else math.nan
+               for s in systems}
     return {
         "dataset": str(root),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -126,9 +141,16 @@ def summarise(results: Sequence[MachineResult], detector: Detector, root: Path, 
         "fusion": {"rule": detector.config.fusion.rule},
         "decision_threshold": detector.config.alerts.threshold,
         "machines": per_machine,
+        "undefined": undefined,
         "systems": overall,
         "official_score": overall[FUSED],
     }
+
+
+def _why_undefined(result: MachineResult) -> str:
+    labels = [c.is_anomaly for c in result.clips if c.label is not None]
+    return (f"no figures: {labels.count(False)} normal and {labels.count(True)} anomalous labelled test clip(s); "
+            "AUC and pAUC need both")
 
 
 def table_rows(results: Sequence[MachineResult], summary: dict) -> list[dict]:
@@ -143,7 +165,9 @@ def table_rows(results: Sequence[MachineResult], summary: dict) -> list[dict]:
 
 
 def print_table(results: Sequence[MachineResult], summary: dict) -> str:
-    return format_table(table_rows(results, summary), ["machine", "system", "AUC src", "AUC tgt", "pAUC", "official"])
+    """The figures, then a line per machine that has none, saying why."""
+    table = format_table(table_rows(results, summary), ["machine", "system", "AUC src", "AUC tgt", "pAUC", "official"])
+    return "\n".join([table, *(f"{machine}: {why}" for machine, why in summary["undefined"].items())])
 
 
 def write_outputs(results: Sequence[MachineResult], summary: dict, out_dir: Path) -> None:
@@ -160,8 +184,12 @@ def write_outputs(results: Sequence[MachineResult], summary: dict, out_dir: Path
     for r in results:
         labelled = np.array([c.label is not None for c in r.clips])
         if labelled.any():
-            labels = np.array([c.is_anomaly for c in r.clips])[labelled]
-            plots[r.machine] = {s: (labels, v[labelled]) for s, v in result_systems(r).items()}
+            # With one backbone the fused ranks order clips as its scores do: one curve, not two.
+            systems = r.raw if len(r.raw) == 1 else result_systems(r)
+            plots[r.machine] = MachinePlot(np.array([c.is_anomaly for c in r.clips])[labelled],
+                                           [c.domain for c, kept in zip(r.clips, labelled) if kept],
+                                           {s: v[labelled] for s, v in systems.items()},
+                                           r.decision_ranks[labelled], r.threshold)
     if plots:
         plot_machines(out_dir / "roc.png", plots)
 

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,48 +127,65 @@ def write_results_json(out_dir: Path, results: Mapping[str, Any]) -> Path:
     return path
 
 
-def plot_machines(out_path: Path, per_machine: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]]) -> Path:
-    """Save a PNG with one row per machine: ROC curves of every system, and score histograms.
+@dataclass(frozen=True)
+class MachinePlot:
+    """One machine's test clips for the evaluation plot."""
 
-    ``per_machine[machine][system] = (labels, scores)`` with labels True/1 for anomalies.
-    The histogram panel shows the ``fused`` system when present (what the daemon acts
-    on), else the first system. A system whose labels hold one class only has no ROC and
-    is left out of the ROC panel with a warning.
+    labels: np.ndarray  # bool per clip: True for an anomaly
+    domains: Sequence[str | None]  # "source", "target" or None per clip
+    systems: Mapping[str, np.ndarray]  # clip scores per system, one ROC curve each
+    decision: np.ndarray  # per clip: the daemon's decision score (highest fused rank against the bank)
+    threshold: float  # alerts.threshold: a clip is flagged above it
+
+
+def plot_machines(out_path: Path, per_machine: Mapping[str, MachinePlot]) -> Path:
+    """Save a PNG with one row per machine: ROC curves of every system (source and target
+    clips pooled, so the AUC in the legend is the pooled one, not a DCASE column), and where
+    the daemon's decision score puts each kind of clip relative to its threshold.
+
+    A system whose clips hold one class only has no ROC and is left out with a warning.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    if not per_machine or not all(per_machine.values()):
+    if not per_machine or not all(m.systems for m in per_machine.values()):
         raise ReportError(f"{out_path}: nothing to plot (every machine needs at least one system)")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(per_machine), 2, figsize=(11.0, 3.8 * len(per_machine)), squeeze=False)
     try:
-        for (machine, systems), (roc_ax, hist_ax) in zip(per_machine.items(), axes, strict=True):
+        for (machine, data), (roc_ax, hist_ax) in zip(per_machine.items(), axes, strict=True):
+            y = np.asarray(data.labels, dtype=bool)
             roc_ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1, label="chance")
-            for system, (labels, scores) in systems.items():
-                y = np.asarray(labels, dtype=bool)
+            for system, scores in data.systems.items():
                 if y.all() or not y.any():
                     log.warning("%s/%s: one class only, no ROC curve drawn", machine, system)
                     continue
                 fpr, tpr = roc_curve(y, scores)
                 roc_ax.plot(fpr, tpr, linewidth=2 if system == FUSED else 1.2,
-                            label=f"{system} (AUC {auc(y, scores):.3f})")
+                            label=f"{system} (pooled AUC {auc(y, scores):.3f})")
             roc_ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (normals flagged)",
-                       ylabel="true positive rate (anomalies caught)", title=f"{machine}: ROC")
+                       ylabel="true positive rate (anomalies caught)", title=f"{machine}: ROC, source + target")
             roc_ax.legend(loc="lower right", fontsize="small")
             roc_ax.grid(alpha=0.3)
 
-            shown = FUSED if FUSED in systems else next(iter(systems))
-            labels, scores = systems[shown]
-            y = np.asarray(labels, dtype=bool)
-            s = np.asarray(scores, dtype=float)
-            bins = np.histogram_bin_edges(s, bins=HIST_BINS)
-            hist_ax.hist(s[~y], bins=bins, alpha=0.6, label=f"normal (n={int((~y).sum())})")
-            hist_ax.hist(s[y], bins=bins, alpha=0.6, label=f"anomaly (n={int(y.sum())})")
-            hist_ax.set(xlabel="anomaly score", ylabel="clips", title=f"{machine}: {shown} score distribution")
+            decision = np.asarray(data.decision, dtype=float)
+            bins = np.histogram_bin_edges(np.append(decision, data.threshold), bins=HIST_BINS)
+            domains = np.array([d or "" for d in data.domains])
+            for anomalous, name in ((False, "normal"), (True, "anomaly")):
+                for domain in sorted(set(domains[y == anomalous])):
+                    chosen = decision[(y == anomalous) & (domains == domain)]
+                    label = f"{name}{f', {domain}' if domain else ''} (n={chosen.size})"
+                    hist_ax.hist(chosen, bins=bins, histtype="step", linewidth=1.6,
+                                 linestyle="-" if domain != "target" else "--", label=label,
+                                 color="tab:red" if anomalous else "tab:blue")
+            hist_ax.axvline(data.threshold, color="black", linewidth=1, label=f"threshold {data.threshold:g}")
+            hist_ax.set(xlabel="highest fused rank against the bank (the daemon's decision score)", ylabel="clips",
+                        title=f"{machine}: clips flagged above the threshold")
+            hist_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             hist_ax.legend(fontsize="small")
             hist_ax.grid(alpha=0.3)
         fig.tight_layout()

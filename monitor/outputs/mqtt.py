@@ -16,7 +16,8 @@ Two kinds of message leave the daemon:
 
 Availability: the client's last will publishes a retained ``offline`` on ``topics.status()``
 if the daemon dies or its connection breaks; every (re)connect publishes a retained ``online``;
-:meth:`Publisher.stop` publishes ``offline`` itself, because a clean disconnect cancels the will.
+:meth:`Publisher.stop` publishes ``offline`` itself, because a clean disconnect cancels the will,
+and disconnects once it is acknowledged, so that subscribers see it exactly once.
 
 An unreachable broker or a refused login is never fatal: paho retries with exponential backoff
 (1 s to 60 s) for as long as the daemon runs, since the broker or its user list may be fixed
@@ -52,6 +53,8 @@ RECONNECT_MAX_SECONDS = 60
 # A connected broker that has not acknowledged a message in this long has lost it (a broker bug
 # or an overloaded bridge): send it again. A duplicate is allowed, a lost alert is not.
 PUBACK_TIMEOUT_SECONDS = 30.0
+# How long stop() waits for the broker to acknowledge "offline" before disconnecting anyway.
+OFFLINE_ACK_SECONDS = 2.0
 # After a disk error in the outbox, how long the delivery thread waits before trying again.
 OUTBOX_RETRY_SECONDS = 5.0
 # CONNACK reason codes that mean "the credentials are wrong" (paho maps v3.1.1's 4 and 5 to these).
@@ -149,9 +152,15 @@ class Publisher:
             self._cond.notify_all()
         self._thread.join()
         if self._connected:
-            # No need to wait for its PUBACK: TCP delivers it before the DISCONNECT below, and
-            # if the connection breaks first, the will publishes the same retained "offline".
-            self._client.publish(self._topics.status(), messages.OFFLINE, qos=1, retain=True)
+            # Disconnect only once the broker has acknowledged "offline": with the DISCONNECT sent
+            # right behind it, the PUBACK can reach a socket already closed, whose reset makes the
+            # broker drop the connection as broken before it reads the DISCONNECT, and its will
+            # then says "offline" a second time. Bounded: an unanswering broker is left to its will.
+            info = self._client.publish(self._topics.status(), messages.OFFLINE, qos=1, retain=True)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                info.wait_for_publish(OFFLINE_ACK_SECONDS)
+            if not info.is_published():
+                log.warning("MQTT: %s did not acknowledge 'offline' within %.0f s; its will says it", self._broker, OFFLINE_ACK_SECONDS)
         self._client.disconnect()
         self._client.loop_stop()
         left = len(self._outbox)

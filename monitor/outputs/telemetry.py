@@ -112,7 +112,7 @@ class Telemetry:
         self._overflows = Counter(
             "asd_audio_overflows", "Audio input overflows per source: samples lost before the daemon saw them.", ["source"], registry=r)
         self._faults = Counter(
-            "asd_sensor_faults", "Windows failing a sensor check, by fault (silence, low_level, clipping, nonfinite, dropout, device): check the microphone.",
+            "asd_sensor_faults", "Windows failing a sensor check, by fault (silence, low_level, clipping, dc_offset, nonfinite, dropout, device): check the microphone.",
             ["machine", "fault"], registry=r)
         self._bank_embeddings = Gauge(
             "asd_bank_embeddings", "Normal-sound embeddings enrolled in the machine's current bank, per backbone.", ["machine", "backbone"], registry=r)

@@ -7,23 +7,25 @@ which network is inside. Built-in backbones ship as files in ``monitor/assets``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
-import onnxruntime as ort
 
-from monitor.audio.files import Audio, fit_windows, resample
-from monitor.errors import BackboneError
+from monitor.audio.files import Recording, Resampler, WindowCutter
+from monitor.errors import BackboneError, MissingDependency, first_line
 from monitor.scoring.metadata import BackboneMetadata
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
-if hasattr(ort, "disable_telemetry_events"):
-    ort.disable_telemetry_events()  # nothing leaves the box unasked (onnxruntime >= 1.17 may upload usage events)
 Provider = Literal["auto", "cpu", "cuda"]
 PROVIDERS: tuple[str, ...] = get_args(Provider)
 _CUDA = "CUDAExecutionProvider"
@@ -49,8 +51,22 @@ def resolve_model(spec: str | Path) -> Path:
     return path
 
 
+def onnxruntime() -> ModuleType:
+    """onnxruntime, imported on first use. It comes with an extra (``cpu`` or ``gpu``: the two
+    builds own the same module and must never be installed together), so a plain install lacks
+    it; every command that needs no model (``--help``, ``check-config``, ``bank``) works without."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingDependency("onnxruntime is not installed: pip install 'asd-monitor[cpu]' "
+                                "(or 'asd-monitor[gpu]' on a CUDA host; never both)") from None
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()  # nothing leaves the box unasked (onnxruntime >= 1.17 may upload usage events)
+    return ort
+
+
 def _session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
+    options = onnxruntime().SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's own warnings are noise in a daemon's journal
@@ -66,6 +82,7 @@ def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSe
     """
     if provider not in PROVIDERS:
         raise BackboneError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    ort = onnxruntime()
     want_cuda = provider in ("auto", "cuda") and _CUDA in ort.get_available_providers()
     if provider == "cuda" and not want_cuda:
         raise BackboneError(f"{path}: provider 'cuda' asked for, but this onnxruntime has no CUDA (install the 'gpu' extra)")
@@ -73,8 +90,7 @@ def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSe
     try:
         session = ort.InferenceSession(str(path), _session_options(threads), providers=chain)
     except Exception as exc:  # onnxruntime's errors share no base class below Exception
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackboneError(f"{path}: cannot load ONNX model ({first_line})") from None
+        raise BackboneError(f"{path}: cannot load ONNX model ({first_line(exc)})") from None
     used = session.get_providers()[0]
     if provider == "cuda" and used != _CUDA:
         raise BackboneError(f"{path}: provider 'cuda' asked for, but CUDA did not initialise (running on {used})")
@@ -128,14 +144,26 @@ class Backbone:
             raise BackboneError(f"backbone {self.name}: output shape {list(out.shape)} != [B, {self.meta.embedding_dim}]")
         return out
 
-    def windows_of(self, audio: Audio, hop_seconds: float | None = None) -> tuple[np.ndarray, list[float]]:
-        """Resample ``audio`` to this backbone's rate and cut it into windows.
-
-        Returns the windows and their start times in seconds; ``hop_seconds`` defaults to the
-        window length (no overlap).
+    def windows(self, recording: Recording, hop_seconds: float | None = None,
+                progress: Callable[[float], None] | None = None) -> Iterator[tuple[float, np.ndarray]]:
+        """Resample ``recording`` to this backbone's rate and cut it into windows, a block at a
+        time: (start in seconds, window) in order, holding about a window and a block whatever
+        the recording's length. ``hop_seconds`` defaults to the window length (no overlap);
+        ``progress`` hears the seconds of audio read, block by block.
         """
         rate = self.meta.sample_rate
-        samples = resample(audio.samples, audio.sample_rate, rate)
         hop = self.meta.window_samples if hop_seconds is None else max(1, int(round(hop_seconds * rate)))
-        windows, starts = fit_windows(samples, self.meta.window_samples, hop, self.meta.min_samples)
-        return windows, [s / rate for s in starts]
+        resampler = Resampler(recording.sample_rate, rate)
+        cutter = WindowCutter(self.meta.window_samples, hop, self.meta.min_samples)
+        for block in recording.blocks():
+            for start, window in cutter.push(resampler.push(block)):
+                yield start / rate, window
+            if progress is not None:
+                progress(len(block) / recording.sample_rate)
+        for start, window in cutter.push(resampler.flush()) + cutter.finish():
+            yield start / rate, window
+
+    def windows_of(self, recording: Recording, hop_seconds: float | None = None) -> tuple[np.ndarray, list[float]]:
+        """Every window of ``recording`` at once (see ``windows``): [n, window] and the starts."""
+        cut = list(self.windows(recording, hop_seconds))
+        return np.stack([w for _, w in cut]), [s for s, _ in cut]

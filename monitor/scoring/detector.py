@@ -11,21 +11,44 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from monitor.audio.files import Audio
+from monitor.audio.files import Recording, shortest_seconds
 from monitor.bank.model import Bank
 from monitor.config import Config
-from monitor.errors import BackboneError
+from monitor.errors import BackboneError, ClipTooShort
 from monitor.scoring.backbone import Backbone
 from monitor.scoring.idle import IdleDetector, noise_rows
 from monitor.scoring.knn import KnnScorer
 from monitor.scoring.ranking import RankReference, fuse
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BATCH_WINDOWS = 2
+"""Windows per onnxruntime call when a recording is embedded. Bounded, so that memory does not
+grow with the recording (all of a 10-minute file's windows in one call peaked at 3.4 GB), and
+small, because onnxruntime's CPU arena keeps what its largest batch needed while larger batches
+were no faster on the CPU (benchmarks/memory.py, aisfx on 2 cores: peak RSS of ``enroll`` about
+210 MB at 1 window a call, 305 MB at 2, 505 MB at 4, 830 MB at 8, all about 100 ms a window).
+Two rather than one: the embeddings then equal those of all windows in one call bit for bit,
+while one window a call differs by up to 7e-7."""
+
+
+def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter), drawn lazily."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -103,30 +126,52 @@ class Detector:
         """Fitted from the bank's site noise; None when none is enrolled."""
         return self._idle
 
-    def embed(self, audio: Audio, hop_seconds: float | None = None) -> Embedded:
-        """Embed every window of ``audio`` with every backbone (see ``monitor.audio.files``).
+    @property
+    def shortest_seconds(self) -> tuple[float, str]:
+        """The shortest recording every backbone accepts, and the backbone that decides it
+        (``monitor.audio.files.shortest_seconds``)."""
+        return max((shortest_seconds(b.meta.min_seconds), b.name) for b in self.backbones)
 
-        The audio is resampled and cut once per backbone rate; backbones at the same rate share
-        the windows. ``hop_seconds`` defaults to the window length (no overlap).
+    def embed(self, recording: Recording, hop_seconds: float | None = None,
+              progress: Callable[[float], None] | None = None) -> Embedded:
+        """Embed every window of ``recording`` (in memory or a file) with every backbone.
+
+        The recording is read, resampled and cut once per backbone rate, a block at a time;
+        backbones at the same rate share the windows, which reach onnxruntime ``BATCH_WINDOWS``
+        at a time. So memory holds a few windows besides the embeddings, whatever the length.
+        A recording shorter than a backbone accepts is refused (``ClipTooShort``).
+        ``hop_seconds`` defaults to the window length (no overlap); ``progress`` hears the
+        seconds of audio read (divided among the rates, so that they add up to its length).
         """
-        cuts: dict[tuple[int, int, int | None], tuple[np.ndarray, list[float]]] = {}
-        embeddings: dict[str, np.ndarray] = {}
-        seconds: dict[str, float] = {}
-        starts: list[float] | None = None
+        shortest, name = self.shortest_seconds
+        if recording.seconds < shortest:
+            raise ClipTooShort(f"{recording.source}: {recording.seconds:.3g} s of audio, shorter than the "
+                               f"{shortest:g} s backbone {name} accepts")
+
+        def key(backbone: Backbone) -> tuple[int, int, int | None]:
+            return backbone.meta.sample_rate, backbone.meta.window_samples, backbone.meta.min_samples
+
+        cuts: dict[tuple[int, int, int | None], list[Backbone]] = {}
         for backbone in self.backbones:
-            meta = backbone.meta
-            key = (meta.sample_rate, meta.window_samples, meta.min_samples)
-            if key not in cuts:
-                cuts[key] = backbone.windows_of(audio, hop_seconds)
-            windows, backbone_starts = cuts[key]
-            if starts is not None and len(backbone_starts) != len(starts):
-                raise BackboneError(f"{audio.source}: backbones cut different numbers of windows")
-            starts = backbone_starts
-            began = time.perf_counter()
-            embeddings[backbone.name] = backbone.embed(windows)
-            seconds[backbone.name] = time.perf_counter() - began
-        assert starts is not None
-        return Embedded(embeddings, starts, seconds)
+            cuts.setdefault(key(backbone), []).append(backbone)
+        share = None if progress is None else (lambda seconds: progress(seconds / len(cuts)))
+        rows: dict[str, list[np.ndarray]] = {b.name: [] for b in self.backbones}
+        seconds = dict.fromkeys(rows, 0.0)
+        starts: dict[tuple[int, int, int | None], list[float]] = {}
+        for cut, group in cuts.items():
+            starts[cut] = []
+            for batch in _batches(group[0].windows(recording, hop_seconds, share), BATCH_WINDOWS):
+                starts[cut] += [start for start, _ in batch]
+                windows = np.stack([window for _, window in batch])
+                for backbone in group:
+                    began = time.perf_counter()
+                    rows[backbone.name].append(backbone.embed(windows))
+                    seconds[backbone.name] += time.perf_counter() - began
+        if len({len(cut_starts) for cut_starts in starts.values()}) > 1:
+            raise BackboneError(f"{recording.source}: backbones cut different numbers of windows")
+        # The start times as the last backbone cuts them (rates may round the last one apart).
+        return Embedded({name: np.concatenate(parts) for name, parts in rows.items()},
+                        starts[key(self.backbones[-1])], seconds)
 
     def fit(self, bank: Bank) -> None:
         """Index ``bank`` and compute each backbone's anchored reference.

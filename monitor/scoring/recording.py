@@ -7,12 +7,13 @@ and the library API use this; the daemon scores the same way one window at a tim
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from monitor.audio.files import Audio, load_audio
+from monitor.audio.files import Audio, AudioFile, Recording
 from monitor.bank.model import check_audio_rate
 from monitor.scoring.detector import Detector, Scores
 
@@ -42,14 +43,18 @@ class RecordingScore:
         return None if rank is None else rank > self.threshold
 
 
-def score_recording(detector: Detector, recording: Path | str | Audio) -> RecordingScore:
-    """Embed and score every window of a file (or of audio in memory) against the fitted bank.
+def score_recording(detector: Detector, recording: Path | str | Recording,
+                    progress: Callable[[float], None] | None = None) -> RecordingScore:
+    """Embed and score every window of a file (read a block at a time) or of audio in memory
+    against the fitted bank; ``progress`` hears the seconds of audio read.
 
-    Audio of another bandwidth than the bank's is refused (``BankError``), as in the daemon.
+    Audio of another bandwidth than the bank's is refused (``BankError``), as in the daemon, and
+    so is a clip shorter than the backbones accept (``ClipTooShort``).
     """
-    audio = recording if isinstance(recording, Audio) else load_audio(Path(recording))
+    if not isinstance(recording, (Audio, AudioFile)):
+        recording = AudioFile.open(recording)
     if detector.bank is not None:
-        check_audio_rate(detector.bank.recorded_rates, audio.sample_rate, detector.model_rate, audio.source)
-    embedded = detector.embed(audio)
-    return RecordingScore(audio.source, embedded.starts, detector.score(embedded.embeddings),
+        check_audio_rate(detector.bank.recorded_rates, recording.sample_rate, detector.model_rate, recording.source)
+    embedded = detector.embed(recording, progress=progress)
+    return RecordingScore(recording.source, embedded.starts, detector.score(embedded.embeddings),
                           detector.config.alerts.threshold)

@@ -22,10 +22,12 @@ class Banks:
         self.config = config
         self.models = models  # the loaded backbones every machine's scorer shares
         self.outputs = outputs
+        self._lost_current: set[str] = set()  # machines whose CURRENT vanished while running, already reported
 
     def load(self, machine: Machine) -> None:
-        """Fit the machine's scorer on its current bank and swap it in (without a bank the
-        machine stays idle); raises when the bank cannot be used. Audio keeps flowing meanwhile."""
+        """Fit the machine's scorer on its current bank and swap it in (with nothing enrolled the
+        machine stays idle); raises when the bank cannot be used, a bank that lost its ``CURRENT``
+        included. Audio keeps flowing meanwhile."""
         try:
             bank = machine.store.load()
         except BankNotFound:
@@ -56,12 +58,30 @@ class Banks:
             log.exception("%s: keeping bank %s after an unexpected error", machine.name, machine.bank_version)
 
     def follow(self, machines: list[Machine]) -> None:
-        """Switch every machine whose ``CURRENT`` names another version than the one in use."""
+        """Switch every machine whose ``CURRENT`` names another version than the one in use.
+
+        A ``CURRENT`` deleted under the running daemon leaves the bank in use in place, but a
+        restart would refuse the bank and stop watching the machine: that is reported (once) now.
+        """
         for machine in machines:
             try:
                 current = machine.store.current()
             except AsdError as exc:
                 log.error("%s: %s", machine.name, exc)
                 continue
+            if current is None and machine.bank_version is not None:
+                self._report_lost_current(machine)
+                continue
+            self._lost_current.discard(machine.name)
             if current is not None and current != machine.bank_version:
                 self.switch(machine)
+
+    def _report_lost_current(self, machine: Machine) -> None:
+        if machine.name in self._lost_current:
+            return
+        self._lost_current.add(machine.name)
+        path = machine.store.path
+        error = (f"bank {path}: CURRENT was deleted; still scoring against {machine.bank_version}, but a restart will "
+                 f"refuse the bank until: asd-monitor bank use --bank {path} --version {machine.bank_version}")
+        log.error("%s: %s", machine.name, error)
+        self.outputs.event("bank_error", machine=machine.name, error=error, kept=machine.bank_version)

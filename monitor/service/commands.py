@@ -1,6 +1,11 @@
 """Commands the daemon answers: from the local control socket, from MQTT, and from the
 enrollment schedule. Each is authenticated and validated completely before anything changes,
-and always answered with a reply (on MQTT, on the machine's reply topic)."""
+and always answered with a reply (on MQTT, on the machine's reply topic) that carries the
+request's ``request_id``, refusals included, so that a client can match it to its request.
+
+Authentication differs by way in: ``mqtt.command_token_file`` guards MQTT, where anyone the
+broker lets publish could send; the local control socket is guarded by its file mode (see
+``monitor.service.control``) and the schedule is the daemon's own, so neither needs the token."""
 
 from __future__ import annotations
 
@@ -30,16 +35,26 @@ class Commands:
         self._scheduled: dict[int, str] = {}  # schedule entry -> date it last started
 
     def handle(self, machine_name: str, payload: bytes) -> dict[str, Any]:
+        """A command from the local control socket or the schedule (no token: see above)."""
+        return self._handle(machine_name, payload, token_required=False)
+
+    def _handle(self, machine_name: str, payload: bytes, token_required: bool) -> dict[str, Any]:
         """An enrollment command; the reply says what happened or why nothing did."""
         machine = self.machines.get(machine_name)
+        request_id = _request_id(payload)
         try:
             if machine is None:
                 raise CommandError(f"unknown machine {machine_name!r}")
-            self._check_token(payload)
+            if token_required:
+                self._check_token(payload)
             reply = self.enrollment.apply(machine, parse_command(payload, self.config.enrollment))
         except CommandError as exc:
             log.warning("command for %s refused: %s", machine_name, exc)
-            return {"ok": False, "machine": machine_name, "error": str(exc)}
+            return {"ok": False, "machine": machine_name, "error": str(exc), "request_id": request_id}
+        except Exception as exc:  # a command is always answered, a bug included (logged in full)
+            log.exception("command for %s failed", machine_name)
+            return {"ok": False, "machine": machine_name, "error": f"internal error: {type(exc).__name__}",
+                    "request_id": request_id}
         self.outputs.event("command", machine=machine_name, reply=reply)
         return reply
 
@@ -53,7 +68,7 @@ class Commands:
         threading.Thread(target=self._reply_mqtt, args=(machine, payload), name="command", daemon=True).start()
 
     def _reply_mqtt(self, machine: str, payload: bytes) -> None:
-        reply = self.handle(machine, payload)
+        reply = self._handle(machine, payload, token_required=True)
         self.outputs.publisher.publish_volatile(self.outputs.topics.reply(machine), json.dumps(reply))
 
     def _check_token(self, payload: bytes) -> None:
@@ -64,7 +79,13 @@ class Commands:
             token = json.loads(payload).get("token")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return  # parse_command reports the malformed payload
-        if not isinstance(token, str) or not hmac.compare_digest(token, path.read_text().strip()):
+        try:
+            expected = path.read_bytes().strip()
+        except OSError as exc:
+            log.error("mqtt.command_token_file: cannot read %s (%s); refusing MQTT commands", path, exc.strerror)
+            raise CommandError("the daemon cannot read its token file") from None
+        # As bytes: compare_digest refuses str holding anything but ASCII.
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), expected):
             raise CommandError("missing or wrong token")
 
     def check_schedule(self, now: datetime) -> None:
@@ -76,3 +97,14 @@ class Commands:
                 payload = json.dumps({"action": "start", "duration_s": entry.duration_seconds,
                                       "condition": entry.condition}).encode()
                 log.info("scheduled enrollment of %s: %s", entry.machine, self.handle(entry.machine, payload))
+
+
+def _request_id(payload: bytes) -> str | None:
+    """The request's ``request_id`` as far as the payload can be read (a command refused for
+    another field still has one), else None."""
+    try:
+        data = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    request_id = data.get("request_id") if isinstance(data, dict) else None
+    return request_id if isinstance(request_id, str) else None

@@ -2,7 +2,8 @@
 
 Request: ``{"machine": "fan-1", "command": "enroll", ...enrollment fields}``; the reply is one
 JSON line. Only local users who can reach the state directory can use it (it is created mode
-0600), which is the authentication: the same people who could edit the bank directly.
+0600), which is the authentication: the same people who could edit the bank directly. So a
+request here needs no ``mqtt.command_token_file`` token: that one guards MQTT.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ControlServer:
         class _Request(socketserver.StreamRequestHandler):
             def handle(self) -> None:
                 line = self.rfile.readline(MAX_REQUEST_BYTES)
+                request = None
                 try:
                     request = json.loads(line)
                     machine = request.pop("machine")
@@ -38,7 +40,10 @@ class ControlServer:
                         raise ValueError("command must be 'enroll'")
                     reply = outer(machine, json.dumps(request).encode())
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    reply = {"ok": False, "error": f"bad request: {exc}"}
+                    # Answered like every reply: with the request's request_id, as far as it was read.
+                    request_id = request.get("request_id") if isinstance(request, dict) else None
+                    reply = {"ok": False, "error": f"bad request: {exc}",
+                             "request_id": request_id if isinstance(request_id, str) else None}
                 self.wfile.write(json.dumps(reply).encode() + b"\n")
 
         path.unlink(missing_ok=True)  # a stale socket from a killed daemon

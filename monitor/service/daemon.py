@@ -26,10 +26,10 @@ from pathlib import Path
 
 from monitor import __version__
 from monitor.audio.ring import Windower
-from monitor.audio.sources import AudioSource, make_source
+from monitor.audio.sources import AudioSource, FileSource, make_source
 from monitor.bank.store import BankStore
 from monitor.config import Config, MachineConfig, load_config
-from monitor.errors import AudioDeviceError, ConfigError
+from monitor.errors import AudioDeviceError, ConfigError, TelemetryError
 from monitor.outputs.clips import ClipStore
 from monitor.outputs.events import EventLog
 from monitor.outputs.fanout import Outputs, WindowListener
@@ -110,7 +110,13 @@ class Daemon:
         self.models = Detector.from_config(cfg)
         self.sources = {s.name: make_source(s) for s in cfg.sources}
         if cfg.metrics.enabled:
-            self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
+            try:
+                self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
+            except TelemetryError as exc:
+                # A port taken or an address not on this host: the config must change (exit 78,
+                # no restart loop into the same clash), whatever else holds the port.
+                where = f"{self.config_path}: " if self.config_path else ""
+                raise ConfigError(f"{where}metrics.host, metrics.port: {exc}") from None
             log.info("metrics on http://%s:%s/metrics", cfg.metrics.host, self.telemetry.port)
         topics = Topics(cfg.mqtt.topic_prefix, cfg.mqtt.site, cfg.daemon.name)
         if cfg.mqtt.enabled:
@@ -154,6 +160,10 @@ class Daemon:
         hop = round(self.config.daemon.hop_seconds * source.sample_rate)
         self.telemetry.add_source(source.name)
         windower = Windower(source.ring, window, hop)
+        listeners = [m for m in self.machines if m.source is source]
+        if isinstance(source, FileSource):
+            source.on_skip = lambda path, reason: self.outputs.event(
+                "file_skipped", source=source.name, machines=[m.name for m in listeners], file=str(path), error=reason)
         try:
             source.start()
         except AudioDeviceError as exc:
@@ -162,7 +172,6 @@ class Daemon:
             log.error("%s", exc)
             source.error = str(exc)
         self._spawn(lambda: source.supervise(self.stop_event), f"supervise-{source.name}")
-        listeners = [m for m in self.machines if m.source is source]
         self._spawn(lambda: cut_windows(source, windower, listeners, self.windows, self.outputs, self.stop_event),
                     f"windows-{source.name}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from monitor import demo
+from monitor.audio.files import load_audio
 from monitor.audio.sensor import (
     FAULTS,
     MIN_DBFS,
@@ -14,6 +16,7 @@ from monitor.audio.sensor import (
     longest_zero_run,
 )
 from monitor.config import SensorConfig
+from tests.synth import machine_sound, site_noise
 
 RATE = 16000
 CONFIG = SensorConfig()  # silence -90 dBFS, drop 30 dB, clip 0.999 x 0.1 %, dropout 50 ms
@@ -93,6 +96,54 @@ def test_clipping() -> None:
     assert check(x).ok
     assert check(np.clip(tone(amplitude=2.0), -1, 1)).faults == ("clipping",)  # a hard-clipped sine
     assert check(-np.ones(RATE, np.float32)).faults == ("clipping",)  # negative full scale too
+
+
+def pcm16(x: np.ndarray) -> np.ndarray:
+    """As read back from a 16-bit file."""
+    return (np.round(x * 32767) / 32767).astype(np.float32)
+
+
+@pytest.mark.parametrize("rail", [0.95, 0.5, 0.1])
+def test_clipping_at_the_windows_own_flat_top(rail: float) -> None:
+    """A saturating preamp or a limiter flattens the tops below full scale."""
+    machine = machine_sound(3) / np.abs(machine_sound(3)).max()
+    rumble = np.convolve(noise(dbfs=-6), np.ones(8) / 8, "same").astype(np.float32)  # band-limited, like real sound
+    for clipped in (np.clip(tone(amplitude=2 * rail), -rail, rail), pcm16(np.clip(1.5 * rail * machine, -rail, rail)),
+                    np.clip(2.5 * rail * rumble, -rail, rail)):
+        report = check(clipped)
+        assert report.faults == ("clipping",) and report.peak == pytest.approx(rail, rel=1e-4)
+        assert report.clipped_fraction > CONFIG.clip_fraction
+    x = noise(dbfs=-20)
+    x[1000:1003] = x[5000:5003] = x[9000:9003] = 0.5  # 9 samples on a flat top: under 0.1 %
+    assert check(x).ok
+
+
+@pytest.mark.parametrize("hz", [1000.0, 1600.0, 440.0, 50.0])
+def test_tones_repeating_their_exact_crest_are_not_clipping(hz: float) -> None:
+    """A period dividing the sample rate puts the same samples at every crest (1 kHz: one
+    sample in 8), but one or two at a time (1600 Hz: two straddle each crest)."""
+    for x in (tone(amplitude=0.9, hz=hz), pcm16(tone(amplitude=0.3, hz=hz))):
+        assert check(x).ok
+
+
+def test_machine_sound_and_the_demo_recordings_have_no_sensor_fault() -> None:
+    for seed in range(20):
+        for x in (machine_sound(seed), machine_sound(seed, fault=True), site_noise(seed)):
+            assert check(x).ok
+    for path in demo.enroll_clips() + demo.replay_clips():
+        audio = load_audio(path)
+        assert check_window(audio.samples, audio.sample_rate, CONFIG, None).ok, path
+
+
+def test_dc_offset() -> None:
+    assert check(np.full(RATE, 0.3, np.float32)).faults == ("dc_offset",)  # a stuck input
+    assert check(np.full(RATE, -1e-3, np.float32)).faults == ("dc_offset",)
+    assert check(noise(dbfs=-40) + np.float32(0.05)).faults == ("dc_offset",)  # biased: mean 5x the AC level
+    assert check(noise(dbfs=-40) + np.float32(0.005)).ok  # half the AC level
+    assert check(tone(amplitude=0.5) + np.float32(0.01)).ok
+    assert check(np.full(RATE, 1.0, np.float32)).faults == ("clipping",)  # stuck at full scale
+    assert check(np.full(RATE, 1e-6, np.float32)).faults == ("silence",)  # under the silence level
+    assert check(np.full(int(0.01 * RATE), 0.3, np.float32)).ok  # 10 ms: a low tone could do that
 
 
 def test_dropout() -> None:

@@ -134,14 +134,14 @@ def test_loop_repeats_the_files(tmp_path: Path) -> None:
 
 
 def test_resampling_to_the_source_rate(tmp_path: Path) -> None:
-    write_tone(tmp_path / "tone8k.wav", 2.0, hz=1000.0, amplitude=0.5, rate=8000)
-    source = FileSource(file_config([tmp_path / "tone8k.wav"]))
+    write_tone(tmp_path / "tone32k.wav", 2.0, hz=1000.0, amplitude=0.5, rate=32000)
+    source = FileSource(file_config([tmp_path / "tone32k.wav"]))
     windower = Windower(source.ring, window_frames=RATE // 2, hop_frames=RATE // 2)
     source.start(start_time=START)
     windows = drain(source, windower)
     assert source.ring.frames_written == 2 * RATE
-    audio = load_audio(tmp_path / "tone8k.wav")
-    expected = resample(audio.samples, 8000, RATE)
+    audio = load_audio(tmp_path / "tone32k.wav")
+    expected = resample(audio.samples, 32000, RATE)
     np.testing.assert_allclose(np.concatenate([w.samples[:, 0] for w in windows]), expected, atol=1e-6)
     assert dominant_hz(windows[1].samples[:, 0], RATE) == pytest.approx(1000.0, abs=4)
     assert windows[2].start_time == pytest.approx(START + 1.0)
@@ -158,23 +158,49 @@ def test_channels_mono_fills_every_channel_and_multichannel_is_kept(tmp_path: Pa
     np.testing.assert_array_equal(second.samples, np.repeat(mono, 2, axis=1))
 
 
-def test_unreadable_file_is_skipped_and_reported(tmp_path: Path) -> None:
+def test_unreadable_file_is_skipped_and_reported_not_a_device_error(tmp_path: Path) -> None:
     (tmp_path / "a.wav").write_bytes(b"RIFF but not really a wav file")
     b = write_noise(tmp_path / "b.wav", 0.5)
     source = FileSource(file_config([tmp_path]))
+    skipped: list[tuple[Path, str]] = []
+    source.on_skip = lambda path, reason: skipped.append((path, reason))
     windower = Windower(source.ring, window_frames=RATE // 2, hop_frames=RATE // 2)
     source.start()
     (window,) = drain(source, windower)
     np.testing.assert_array_equal(window.samples, b)
-    assert source.error is not None and "a.wav" in source.error
+    assert source.error is None  # a device error would make every later window a sensor fault
+    assert [path.name for path, _ in skipped] == ["a.wav"] and "cannot read audio" in skipped[0][1]
 
 
-def test_loop_over_only_unreadable_files_ends(tmp_path: Path) -> None:
+def test_file_below_the_source_rate_is_skipped(tmp_path: Path) -> None:
+    write_tone(tmp_path / "a_phone.wav", 1.0, hz=1000.0, amplitude=0.5, rate=8000)
+    b = write_noise(tmp_path / "b.wav", 0.5)
+    source = FileSource(file_config([tmp_path]))
+    skipped: list[tuple[Path, str]] = []
+    source.on_skip = lambda path, reason: skipped.append((path, reason))
+    windower = Windower(source.ring, window_frames=RATE // 2, hop_frames=RATE // 2)
+    source.start()
+    (window,) = drain(source, windower)
+    np.testing.assert_array_equal(window.samples, b)
+    ((path, reason),) = skipped
+    assert path.name == "a_phone.wav" and "8000 Hz" in reason and f"{RATE} Hz" in reason and source.error is None
+
+
+def test_loop_over_only_unreadable_files_ends_and_reports_each_once(tmp_path: Path) -> None:
     (tmp_path / "a.wav").write_bytes(b"junk")
-    source = FileSource(file_config([tmp_path], loop=True))
+    frames = len(write_noise(tmp_path / "b.wav", 0.25))
+    source = FileSource(file_config([tmp_path / "a.wav"], loop=True))
+    skipped: list[Path] = []
+    source.on_skip = lambda path, _reason: skipped.append(path)
     source.start()
     assert source.finished.wait(timeout=5)
-    assert "a.wav" in (source.error or "")
+    assert skipped == [tmp_path / "a.wav"] and source.error is None
+    looping = FileSource(file_config([tmp_path / "a.wav", tmp_path / "b.wav"], loop=True))
+    looping.on_skip = lambda path, _reason: skipped.append(path)
+    looping.start()
+    assert wait_until(lambda: looping.ring.frames_written >= 3 * frames, 5)  # three passes over both files
+    looping.stop()
+    assert skipped == [tmp_path / "a.wav"] * 2  # once per source, not once per pass
 
 
 def test_no_audio_files(tmp_path: Path) -> None:

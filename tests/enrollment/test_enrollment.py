@@ -146,6 +146,49 @@ def test_mqtt_enroll_command_with_and_without_credentials(tmp_path: Path, runnin
     assert daemon.machines[0].session is not None
 
 
+def test_the_control_socket_needs_no_mqtt_token_and_every_reply_carries_the_request_id(
+        tmp_path: Path, running, capsys) -> None:
+    """The socket's file mode is its authentication; the MQTT token guards MQTT only. A refused
+    request is answered with its request_id too, so that a client can match the answer."""
+    token = tmp_path / "token"
+    token.write_text("let-me-enroll\n")
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), loop=True)
+    config = replace(config, mqtt=replace(config.mqtt, commands=True, command_token_file=token))
+    daemon = running(config)
+    sock = daemon.state_dir / "control.sock"
+    assert request(sock, "motor", {"action": "status", "request_id": "r1"}) == {
+        "ok": False, "machine": "motor", "error": "no enrollment is running on motor", "request_id": "r1"}
+    assert request(sock, "ghost", {"action": "status", "request_id": "r2"})["request_id"] == "r2"
+    assert request(sock, "motor", {"action": "begin", "request_id": "r3"})["request_id"] == "r3"
+    assert request(sock, "motor", {"command": "reboot", "request_id": "r4"}) == {
+        "ok": False, "error": "bad request: command must be 'enroll'", "request_id": "r4"}
+    started = request(sock, "motor", {"action": "start", "duration_s": 3600, "request_id": "r5"})
+    assert started["ok"] and started["request_id"] == "r5"
+    path = write_yaml(tmp_path / "daemon.yaml", config)
+    capsys.readouterr()
+    assert main(["enroll-live", "-c", str(path), "--machine", "motor", "status"]) == 0
+    assert json.loads(capsys.readouterr().out)["session"]["duration_s"] == 3600
+
+
+def test_mqtt_commands_with_non_ascii_tokens_are_answered(tmp_path: Path, running, mosquitto) -> None:
+    """A token is compared as UTF-8 bytes: a non-ASCII one is refused or accepted, never a crash
+    without a reply."""
+    token = tmp_path / "token"
+    token.write_text("schlüssel-7\n", encoding="utf-8")
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnnn"), mosquitto, loop=True)
+    config = replace(config, mqtt=replace(config.mqtt, commands=True, command_token_file=token))
+    daemon = running(config)
+    wait_for(lambda: daemon.publisher.connected, 15)
+    mosquitto.register("asd/test/motor/reply/enroll", "operator")
+    mosquitto.publish("asd/test/motor/cmd/enroll", '{"action": "status", "token": "Schlüssel-7", "request_id": "r1"}')
+    mosquitto.publish("asd/test/motor/cmd/enroll", '{"action": "status", "token": "schlüssel-7", "request_id": "r2"}')
+    mosquitto.publish("asd/test/motor/cmd/enroll", '{"action": "status", "request_id": "r3"}')
+    replies = {r["request_id"]: r for r in (json.loads(p) for _r, _t, p in mosquitto.collect(
+        "asd/test/motor/reply/enroll", 3, timeout=15, client_id="operator"))}
+    assert replies["r1"]["error"] == "missing or wrong token" and replies["r3"]["error"] == "missing or wrong token"
+    assert replies["r2"]["error"] == "no enrollment is running on motor"
+
+
 def test_live_enrollment_through_the_real_microphone_path(tmp_path: Path, pulse_server, running) -> None:
     played = tmp_path / "normal.wav"
     sf.write(played, machine_sound(300, 24.0), RATE, subtype="PCM_16")

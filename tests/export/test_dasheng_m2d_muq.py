@@ -28,7 +28,7 @@ from export.contract import metadata
 from export.onnx_export import PARITY_RTOL, export_backbone, relative_error
 from export.registry import EXPORTERS
 from monitor.audio.files import Audio
-from monitor.errors import EXIT_DATA
+from monitor.errors import EXIT_DATA, CheckpointError
 from monitor.scoring.backbone import Backbone
 from monitor.scoring.metadata import BackboneMetadata
 from tests.synth import machine_sound
@@ -330,6 +330,24 @@ def test_full_size_m2d_refuses_a_small_checkpoint(checkpoints: dict, tmp_path: P
     err = capsys.readouterr().err.strip()
     assert "not a M2D ViT-Base checkpoint" in err and "of another shape" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("relative,loads", [(5e-5, True), (1e-3, False)])
+def test_dasheng_frontend_filters_built_elsewhere_in_float32_are_accepted(checkpoints: dict, tmp_path: Path,
+                                                                        relative: float, loads: bool) -> None:
+    """torchaudio's float32 mel filters differ from ours (built in float64) by ~5e-6 of their
+    largest value; filters of other mel settings differ by far more."""
+    dump = torch.load(checkpoints["dasheng"], weights_only=True)
+    fb = dump["model"]["front_end.0.mel_scale.fb"]
+    noise = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, tuple(fb.shape)).astype(np.float32))
+    dump["model"]["front_end.0.mel_scale.fb"] = fb + relative * float(fb.abs().max()) * noise
+    path = tmp_path / "dasheng_base.pt"
+    torch.save(dump, path)
+    if loads:
+        dasheng.load_dasheng(path, "dasheng-base", SMALL_DASHENG)
+    else:
+        with pytest.raises(CheckpointError, match=r"mel_scale\.fb\) differs from Dasheng's mel settings by up to 0\.00\d* \(allowed 0\.0001 "):
+            dasheng.load_dasheng(path, "dasheng-base", SMALL_DASHENG)
 
 
 def test_muq_with_a_missing_weight_is_refused(checkpoints: dict, tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 
 from monitor.bank.store import BankStore
 from monitor.cli import main
-from monitor.config import Config
+from monitor.config import BackboneConfig, Config
 from monitor.errors import EXIT_CONFIG, EXIT_DATA
-from monitor.offline.evaluate import run_evaluation
+from monitor.offline.evaluate import print_table, run_evaluation
 from monitor.scoring.detector import Detector
 from tests.synth import dcase_dataset, machine_sound, write_clip
 
@@ -91,6 +91,43 @@ def test_evaluate_writes_the_official_files(dataset: Path, tmp_path: Path, capsy
         decisions = (folder / "decision_result_motor_section_00_test.csv").read_text().splitlines()
         assert {line.split(",")[1] for line in decisions} <= {"0", "1"}
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_without_out_writes_to_a_default_folder_and_says_where(
+        dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(dataset), "--backbone", "logmel", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = Path("out") / f"evaluate-{dataset.name}"
+    assert json.loads(captured.out)["official_score"] > 0.9  # stdout stays pure JSON
+    assert f"wrote {out / 'results.json'}, {out / 'roc.png'}" in captured.err
+    assert (tmp_path / out / "roc.png").is_file() and (tmp_path / out / "results.json").is_file()
+
+
+def test_a_machine_without_anomalous_test_clips_is_reported_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Figures need both classes: a machine without anomalous test clips gets none and says
+    why, the other machines are evaluated, and with no figures at all the score is undefined."""
+    root = dcase_dataset(tmp_path / "data", machine="pump", n_train=4, n_test=2, seconds=5.0)
+    dcase_dataset(root, machine="motor", n_train=4, n_test=2, seconds=5.0)
+    for clip in (root / "motor" / "test").glob("*anomaly*"):
+        clip.unlink()
+    detector = Detector.from_config(Config(backbones=[BackboneConfig("logmel")]))
+    results, summary = run_evaluation(detector, root, None)
+    why = "no figures: 4 normal and 0 anomalous labelled test clip(s); AUC and pAUC need both"
+    assert summary["undefined"] == {"motor": why} and set(summary["machines"]["pump"]) == {"logmel", "fused"}
+    pump = next(r for r in results if r.machine == "pump")
+    assert summary["official_score"] == pump.figures["fused"].official > 0.5
+    assert f"motor: {why}" in print_table(results, summary)
+
+    for clip in (root / "pump" / "test").glob("*anomaly*"):
+        clip.unlink()
+    assert main(["evaluate", str(root), "--backbone", "logmel", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert f"motor: {why}" in printed and f"pump: {why}" in printed
+    assert "official score (fused): undefined (no machine has figures)" in printed
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["official_score"] is None and set(written["undefined"]) == {"motor", "pump"}
 
 
 def test_evaluation_of_short_clips(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from monitor.errors import ReportError
 from monitor.offline.report import (
+    MachinePlot,
     format_table,
     plot_machines,
     write_official_csv,
@@ -96,12 +97,19 @@ def _system(rng: np.random.Generator, shift: float) -> tuple[np.ndarray, np.ndar
     return labels, rng.normal(size=60) + shift * labels
 
 
+def _machine(rng: np.random.Generator, shifts: dict[str, float], anomalies: int = 20) -> MachinePlot:
+    labels = np.r_[np.zeros(40, bool), np.ones(anomalies, bool)]
+    domains = ["source"] * 30 + ["target"] * 10 + ["source", "target"] * (anomalies // 2)
+    systems = {name: rng.normal(size=labels.size) + shift * labels for name, shift in shifts.items()}
+    decision = np.clip(0.9 + 0.05 * rng.normal(size=labels.size) + 0.08 * labels, 0, 1)
+    return MachinePlot(labels, domains, systems, decision, 0.99)
+
+
 def test_plot_machines_writes_png(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    per_machine = {
-        "fan": {"logmel": _system(rng, 1.0), "aisfx": _system(rng, 2.0), "fused": _system(rng, 2.5)},
-        "uav": {"logmel": _system(rng, 0.5), "no-anomaly": (np.zeros(5, bool), rng.normal(size=5))},
-    }
+    per_machine = {"fan": _machine(rng, {"logmel": 1.0, "aisfx": 2.0, "fused": 2.5}),
+                   "uav": _machine(rng, {"aisfx": 0.5}),
+                   "no-anomaly": _machine(rng, {"aisfx": 0.0}, anomalies=0)}
     out = plot_machines(tmp_path / "plots" / "machines.png", per_machine)
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC
@@ -112,7 +120,7 @@ def test_plot_machines_needs_data(tmp_path: Path) -> None:
     with pytest.raises(ReportError):
         plot_machines(tmp_path / "x.png", {})
     with pytest.raises(ReportError):
-        plot_machines(tmp_path / "x.png", {"fan": {}})
+        plot_machines(tmp_path / "x.png", {"fan": _machine(np.random.default_rng(0), {})})
 
 
 def test_format_table() -> None:

@@ -7,13 +7,18 @@ anything is published, so a broker restart or a slow reconnect cannot make a tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,6 +220,113 @@ def test_status_is_online_while_connected_and_offline_after_stop(mosquitto: Brok
     assert not publisher.connected and changes == [True, False]
     assert mosquitto.retained(TOPICS.status()) == messages.OFFLINE
     assert mosquitto.retained(TOPICS.state("fan1")) == "last state", "stop() drains the outbox"
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _packet_size(buffer: bytes) -> int | None:
+    """Length of the MQTT packet at the start of ``buffer``; None until its header is complete."""
+    length = 0
+    for i, byte in enumerate(buffer[1:5], start=1):
+        length += (byte & 0x7F) << (7 * (i - 1))
+        if not byte & 0x80:
+            return 1 + i + length
+    return None
+
+
+class SlowLink:
+    """A TCP hop for one client connection that behaves like a slow network: the broker's
+    packets reach the client ``LATENCY`` s late, the client's reach the broker one at a time,
+    ``GAP`` s apart. A broker packet arriving after the client closed its socket makes the
+    client's kernel answer with a reset, which this hop passes on to the broker, as TCP would:
+    the broker then drops the connection as broken, before reading what the client sent last."""
+
+    LATENCY, GAP = 0.05, 0.2
+
+    def __init__(self, broker_port: int) -> None:
+        self._broker_port = broker_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(10)
+        self.port = self._listener.getsockname()[1]
+        self._pumps: list[threading.Thread] = []
+        self._accepted = threading.Thread(target=self._accept, daemon=True)
+        self._accepted.start()
+
+    def __enter__(self) -> SlowLink:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """Once everything the client sent has reached the broker (or the link was reset)."""
+        self._accepted.join()
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        client, _ = self._listener.accept()
+        broker = socket.create_connection(("127.0.0.1", self._broker_port))
+        packets: queue.Queue[bytes | None] = queue.Queue()
+        closed = threading.Event()
+        for pump in (lambda: self._read_client(client, packets, closed), lambda: self._to_broker(packets, broker),
+                     lambda: self._to_client(broker, client, closed)):
+            self._pumps.append(threading.Thread(target=pump, daemon=True))
+            self._pumps[-1].start()
+
+    @staticmethod
+    def _read_client(client: socket.socket, packets: queue.Queue[bytes | None], closed: threading.Event) -> None:
+        buffer = b""
+        while chunk := _recv(client):
+            buffer += chunk
+            while (size := _packet_size(buffer)) is not None and len(buffer) >= size:
+                packets.put(buffer[:size])
+                buffer = buffer[size:]
+        closed.set()
+        packets.put(None)
+        client.close()
+
+    def _to_broker(self, packets: queue.Queue[bytes | None], broker: socket.socket) -> None:
+        while (packet := packets.get()) is not None:
+            try:
+                broker.sendall(packet)
+            except OSError:
+                return  # reset
+            time.sleep(self.GAP)
+        with contextlib.suppress(OSError):  # unless the broker has closed the connection already
+            broker.shutdown(socket.SHUT_WR)
+
+    def _to_client(self, broker: socket.socket, client: socket.socket, closed: threading.Event) -> None:
+        while data := _recv(broker):
+            time.sleep(self.LATENCY)
+            if closed.is_set():
+                broker.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                broker.shutdown(socket.SHUT_RDWR)
+                broker.close()
+                return
+            try:
+                client.sendall(data)
+            except OSError:
+                return
+        broker.close()
+
+
+def test_stop_says_offline_exactly_once_over_a_slow_link(mosquitto: Broker, make_publisher: Callable[..., Publisher]) -> None:
+    """stop() disconnects only once ``offline`` is acknowledged: a DISCONNECT sent right behind
+    it lets the PUBACK cross the client's close, the broker sees a broken connection and its will
+    says ``offline`` a second time (``online -> offline -> offline``, "Broken pipe" in its log)."""
+    mosquitto.register(TOPICS.status(), "sub-status")
+    with SlowLink(mosquitto.port) as link:
+        publisher = make_publisher(link)
+        publisher.start()
+        assert wait_for(lambda: mosquitto.retained(TOPICS.status()) == messages.ONLINE, 5)
+        publisher.stop()
+    received = mosquitto.collect(TOPICS.status(), 4, timeout=2, client_id="sub-status")
+    assert [payload for retained, _topic, payload in received if not retained] == [messages.ONLINE, messages.OFFLINE]
+    assert mosquitto.retained(TOPICS.status()) == messages.OFFLINE
 
 
 def test_last_will_says_offline_when_the_daemon_is_killed(mosquitto: Broker, tmp_path: Path) -> None:

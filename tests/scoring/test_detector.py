@@ -25,8 +25,8 @@ def two_backbones_at_one_rate() -> Detector:
 def test_audio_is_cut_once_per_rate(monkeypatch) -> None:
     detector = two_backbones_at_one_rate()
     calls = []
-    original = Backbone.windows_of
-    monkeypatch.setattr(Backbone, "windows_of", lambda self, *a, **k: calls.append(self.name) or original(self, *a, **k))
+    original = Backbone.windows
+    monkeypatch.setattr(Backbone, "windows", lambda self, *a, **k: calls.append(self.name) or original(self, *a, **k))
     embedded = detector.embed(Audio(machine_sound(1, 25.0), RATE, "x"))
     assert calls == ["logmel"]  # the twin shares the cut
     assert embedded.starts == [0.0, 10.0, 15.0]

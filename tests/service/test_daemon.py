@@ -5,9 +5,12 @@ through sounddevice/PortAudio/PulseAudio."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -23,10 +26,15 @@ import soundfile as sf
 from threadpoolctl import threadpool_info
 
 from monitor.bank.store import BankStore
+from monitor.cli import main
 from monitor.config import (
     MachineConfig,
+    MetricsConfig,
     SourceConfig,
 )
+from monitor.enrollment.files import enroll_files
+from monitor.errors import EXIT_CONFIG
+from monitor.scoring.detector import Detector
 from monitor.service.daemon import Daemon
 from tests.daemons import clips, daemon_config, enroll, run_to_end, write_yaml
 from tests.synth import RATE, machine_sound, write_clip
@@ -355,3 +363,52 @@ def test_reload_switches_bank_versions_without_stopping_audio(tmp_path: Path, mo
         daemon.stop()
     kinds = [json.loads(line)["kind"] for line in (config.daemon.state_dir / "events.jsonl").read_text().splitlines()]
     assert "reload_error" in kinds and kinds.count("bank") >= 3
+
+
+def test_a_taken_metrics_port_is_a_config_error_naming_it(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """exit 78, not a TelemetryError: the port must change in the config, and systemd must not
+    restart the daemon into the same clash."""
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "n"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write_yaml(tmp_path / "site.yaml", replace(config, metrics=MetricsConfig(port=port)))
+        assert main(["run", "-c", str(path)]) == EXIT_CONFIG
+    assert capfd.readouterr().err.endswith(f"asd-monitor: config error: {path}: metrics.host, metrics.port: "
+                                           f"cannot serve metrics on 127.0.0.1:{port}: Address already in use\n")
+
+
+def test_run_leaves_its_files_owner_only(tmp_path: Path, mosquitto) -> None:
+    """events.jsonl, the outbox, alert clips and the folders they are in: owner only
+    (daemon.file_mode: private, the default), whatever umask the shell had; the caller's umask
+    is given back when main() returns."""
+    config = daemon_config(tmp_path, clips(tmp_path / "replay", "nnffffnnnn"), mosquitto, backbone="aisfx")
+    config = replace(config, machines=[MachineConfig("motor", "replay", bank=tmp_path / "bank")])
+    enroll_files(Detector.from_config(config), BankStore(tmp_path / "bank"), clips(tmp_path / "enroll", "nnnnnn", seed=0), "default")
+    path = write_yaml(tmp_path / "site.yaml", config)
+    previous = os.umask(0o022)
+    try:
+        assert main(["run", "-c", str(path)]) == 0
+    finally:
+        assert os.umask(previous) == 0o022
+    state = config.daemon.state_dir
+    written = [state, *state.rglob("*")]
+    assert {state / "events.jsonl", state / "outbox.sqlite", state / "clips"} <= set(written)
+    assert any(p.suffix == ".flac" for p in written), "an alert clip was saved"
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {name: "0o700" if (tmp_path / name).is_dir() else "0o600" for name in modes}
+
+
+def test_enroll_with_file_mode_group_lets_the_group_read(tmp_path: Path) -> None:
+    config = tmp_path / "group.yaml"
+    config.write_text("backbones: [{model: logmel}]\ndaemon: {file_mode: group}\n")
+    bank = tmp_path / "bank"
+    previous = os.umask(0o022)
+    try:
+        assert main(["enroll", "-c", str(config), "--bank", str(bank), *map(str, clips(tmp_path / "n", "nn"))]) == 0
+    finally:
+        os.umask(previous)
+    written = [bank, *bank.rglob("*")]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written if p.is_dir()} == {"0o750"}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written if p.is_file()} == {"0o640"}
