@@ -8,16 +8,16 @@ conditions), with and without k-means compaction of large conditions, on ../shar
 from __future__ import annotations
 
 import numpy as np
-
 from common import SHARED_DATA, LoadMonitor, table, write_json
+
 from monitor.audio.files import load_audio  # noqa: E402  (common puts the repository on sys.path)
-from monitor.bank.model import Bank, BankItem  # noqa: E402
 from monitor.bank.compaction import compact  # noqa: E402
+from monitor.bank.model import Bank, BankItem  # noqa: E402
 from monitor.config import Config  # noqa: E402
 from monitor.offline.dataset import scan_dataset  # noqa: E402
+from monitor.offline.dcase import machine_figures  # noqa: E402
 from monitor.scoring.detector import Detector  # noqa: E402
 from monitor.scoring.knn import KnnScorer  # noqa: E402
-from monitor.offline.dcase import machine_figures  # noqa: E402
 
 SETS = ("uav-noisy", "fan-noisy")
 CENTROIDS = (16, 32, 64)

@@ -77,8 +77,17 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-
-from common import ROOT, Broker, LoadMonitor, loadavg, percentile, rss_mb, start_mosquitto, table, write_json
+from common import (
+    ROOT,
+    Broker,
+    LoadMonitor,
+    loadavg,
+    percentile,
+    rss_mb,
+    start_mosquitto,
+    table,
+    write_json,
+)
 
 RATE = 16000
 BANK_WINDOWS = 30
@@ -106,8 +115,8 @@ def enroll_bank(bank_dir: Path, work: Path) -> float:
     """A bank of ``BANK_WINDOWS`` 10 s windows of the synthetic machine; returns seconds taken."""
     from monitor.bank.store import BankStore
     from monitor.config import Config
-    from monitor.scoring.detector import Detector
     from monitor.enrollment.files import enroll_files
+    from monitor.scoring.detector import Detector
     from tests.synth import machine_sound, write_clip
 
     began = time.perf_counter()
@@ -146,8 +155,15 @@ def stages(records: list) -> dict[str, list[float]]:
 def child(args: argparse.Namespace) -> int:
     """Run the daemon once; write a JSON result to ``args.out``."""
     sys.path.insert(0, str(ROOT))
-    from monitor.config import (Config, DaemonConfig, MachineConfig, MetricsConfig, MqttConfig, RuntimeConfig,
-                                SourceConfig)
+    from monitor.config import (
+        Config,
+        DaemonConfig,
+        MachineConfig,
+        MetricsConfig,
+        MqttConfig,
+        RuntimeConfig,
+        SourceConfig,
+    )
     from monitor.service.daemon import Daemon
     from monitor.service.windows import WindowQueue
 

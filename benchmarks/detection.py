@@ -32,20 +32,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from common import RESULTS, SHARED_DATA, LoadMonitor, memoise_embeddings, table, write_json
+from common import (
+    RESULTS,
+    SHARED_DATA,
+    LoadMonitor,
+    memoise_embeddings,
+    table,
+    write_json,
+)
 
 from monitor.config import BackboneConfig, Config  # noqa: E402  (common puts the repository on sys.path)
 from monitor.offline.dataset import scan_dataset  # noqa: E402
-from monitor.scoring.detector import Detector  # noqa: E402
+from monitor.offline.dcase import (  # noqa: E402
+    BOOTSTRAP_RESAMPLES,
+    Figures,
+    bootstrap_intervals,
+    machine_figures,
+    official_score,
+)
 from monitor.offline.evaluate import evaluate_machine  # noqa: E402
+from monitor.scoring.detector import Detector  # noqa: E402
 from monitor.scoring.ranking import fuse, self_rank  # noqa: E402
-from monitor.offline.dcase import Figures, machine_figures, official_score  # noqa: E402
 
 SETS = ("uav-noisy", "fan-noisy")
 METRICS = ("mahalanobis", "cosine")
 RULES = ("mean", "max")
 WEIGHTS = ((1.0, 1.0), (2.0, 1.0), (1.0, 2.0))
+# The daemon's default (aisfx alone, Mahalanobis): every system's difference is measured to it.
+DEFAULT_SYSTEM = "aisfx mahalanobis"
 
 
 @dataclass
@@ -86,20 +100,39 @@ def fused_systems(singles: list[System], domains: list[str], labels: list[bool])
     return out
 
 
-def evaluate_set(root: Path, models: list[str]) -> dict[str, dict]:
-    """Per system: the official figures of every machine and the set's overall score."""
+def evaluate_set(root: Path, models: list[str], resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict]:
+    """Per system: the official figures of every machine and the set's overall score, and with
+    ``resamples`` > 0 the 95 % bootstrap interval of that score and of its difference to
+    ``DEFAULT_SYSTEM`` (paired: every system scored on the same resampled clips, so what the
+    test clips do to both cancels in the difference)."""
     per_system: dict[str, dict] = {}
+    clips_of: dict[str, tuple[list[str], list[bool]]] = {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
     for machine, clips in scan_dataset(root).items():
         singles: list[System] = []
         for model in models:
             systems, domains, labels = single_systems(model, machine, clips)
             singles += systems
+        clips_of[machine] = (domains, labels)
         for system in singles + fused_systems(singles, domains, labels):
             entry = per_system.setdefault(system.name, {"machines": {}, "figures": []})
             entry["machines"][machine] = system.figures.to_dict()
             entry["figures"].append(system.figures)
+            scores.setdefault(system.name, {})[machine] = system.scores
     for entry in per_system.values():
         entry["official"] = official_score(entry.pop("figures"))
+    if resamples > 0:
+        reference = DEFAULT_SYSTEM if DEFAULT_SYSTEM in scores else None
+        began = time.perf_counter()
+        boot = bootstrap_intervals(clips_of, scores, reference=reference, n_resamples=resamples)
+        took = time.perf_counter() - began
+        print(f"{root.name}: bootstrap of {len(scores)} systems x {resamples} resamples in {took:.2f} s", flush=True)
+        for name, entry in per_system.items():
+            entry["official_95"] = boot["systems"][name]["official"]
+            if reference is not None:
+                entry["difference_to_default_95"] = boot["differences"][name]["official"]
+            for machine, intervals in boot["machines"].items():
+                entry["machines"][machine]["intervals_95"] = intervals[name]
     return per_system
 
 
@@ -129,12 +162,22 @@ def plot(results: dict[str, dict[str, dict]], path: Path, top: int = 12) -> None
     plt.close(fig)
 
 
+def _interval(pair: list[float] | None, signed: bool = False) -> str:
+    """``[low, high]`` to 3 decimals for the table, ``-`` without one."""
+    if not pair:
+        return "-"
+    sign = "+" if signed else ""
+    return f"[{pair[0]:{sign}.3f}, {pair[1]:{sign}.3f}]"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated names under ../shared/data/bench")
     parser.add_argument("--backbone", action="append", default=[], metavar="MODEL",
                         help="a built-in name or an exported .onnx (repeatable; default: aisfx and logmel)")
     parser.add_argument("--name", default="detection", help="results file: benchmarks/results/NAME.json")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                        help=f"resamples for the 95%% intervals (default {BOOTSTRAP_RESAMPLES}; 0: none)")
     args = parser.parse_args()
     models = args.backbone or ["aisfx", "logmel"]
     memoise_embeddings()
@@ -147,20 +190,26 @@ def main() -> int:
                 print(f"skipping {name}: {root} not found", file=sys.stderr)
                 continue
             began = time.perf_counter()
-            results[name] = evaluate_set(root, models)
+            results[name] = evaluate_set(root, models, args.bootstrap)
             seconds[name] = round(time.perf_counter() - began, 1)
             print(f"{name}: {len(results[name])} systems in {seconds[name]} s", flush=True)
     if not results:
         print("no benchmark set found: nothing measured", file=sys.stderr)
         return 1
     for name, systems in results.items():
-        rows = [[system, machine, f["auc_source"], f["auc_target"], f["pauc"], entry["official"]]
+        rows = [[system, machine, f["auc_source"], f["auc_target"], f["pauc"], entry["official"],
+                 _interval(entry.get("official_95")), _interval(entry.get("difference_to_default_95"), signed=True)]
                 for system, entry in sorted(systems.items(), key=lambda kv: -kv[1]["official"])
                 for machine, f in entry["machines"].items()]
-        table(["system", "machine", "AUC src", "AUC tgt", "pAUC", "official (set)"], rows,
-              title=f"{name} (sorted by the set's official score)")
+        table(["system", "machine", "AUC src", "AUC tgt", "pAUC", "official (set)", "95%",
+               f"minus {DEFAULT_SYSTEM}, 95%"], rows,
+              title=f"{name} (sorted by the set's official score; intervals: paired stratified bootstrap)")
     write_json(args.name, {"backbones": models, "metrics": list(METRICS), "rules": list(RULES),
-                           "weights": [list(w) for w in WEIGHTS], "seconds": seconds, "sets": results}, load)
+                           "weights": [list(w) for w in WEIGHTS], "seconds": seconds,
+                           "bootstrap": {"resamples": args.bootstrap, "seed": 0, "level": 0.95,
+                                         "reference": DEFAULT_SYSTEM,
+                                         "strata": "per machine: source normals, target normals, anomalies"},
+                           "sets": results}, load)
     plot(results, RESULTS / f"{args.name}.png")
     return 0
 

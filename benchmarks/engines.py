@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from common import LoadMonitor, table, write_json
 
 MODELS = ("aisfx", "beats", "eat", "dasheng-base", "m2d")

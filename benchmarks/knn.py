@@ -35,11 +35,9 @@ import math
 import time
 from collections.abc import Callable, Iterator
 
-import numpy as np
-
-from common import LoadMonitor, percentile, table, write_json
-
 import faiss  # noqa: E402  (after common, which puts the repository on sys.path)
+import numpy as np
+from common import LoadMonitor, percentile, table, write_json
 
 try:
     from threadpoolctl import threadpool_limits

@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export import beats, eat  # noqa: E402
+from export.contract import metadata  # noqa: E402
 from export.kaldi import FbankOptions, KaldiFbank  # noqa: E402
 from export.onnx_export import export_backbone, relative_error  # noqa: E402
-from export.contract import metadata  # noqa: E402
 from tests.synth import machine_sound  # noqa: E402
 
 STUBS = {
@@ -239,7 +239,12 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 def check_eat(report: dict, onnx: bool, large: bool) -> None:
     import torchaudio.compliance.kaldi as ta
-    from eatmodels.EAT_pretraining import D2vModalitiesConfig, Data2VecMultiConfig, Data2VecMultiModel, Modality
+    from eatmodels.EAT_pretraining import (
+        D2vModalitiesConfig,
+        Data2VecMultiConfig,
+        Data2VecMultiModel,
+        Modality,
+    )
     from eatmodels.images import D2vImageConfig
     from eatmodels.modules import D2vDecoderConfig
     from fairseq.logging.meters import AverageMeter

@@ -19,13 +19,11 @@ Writes, next to the JSON it reads (each plot only when its JSON exists):
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from common import RESULTS  # noqa: E402
 
 

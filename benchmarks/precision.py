@@ -105,8 +105,8 @@ def interleaved_speed(paths: dict[str, Path], rounds: int) -> dict[str, dict]:
 
 def evaluate(path: Path, dataset: Path) -> dict:
     from monitor.config import config_from_dict
-    from monitor.scoring.detector import Detector
     from monitor.offline.evaluate import run_evaluation
+    from monitor.scoring.detector import Detector
 
     config = config_from_dict({"backbones": [{"model": str(path)}], "runtime": {"provider": "cpu"}})
     started = time.perf_counter()
@@ -119,8 +119,8 @@ def evaluate(path: Path, dataset: Path) -> dict:
 def embeddings_similarity(reference: Path, candidate: Path, dataset: Path, clips: int = 20) -> float:
     """Smallest cosine similarity between the two models' embeddings of real test clips."""
     from monitor.audio.files import load_audio
-    from monitor.scoring.backbone import Backbone
     from monitor.offline.dataset import scan_dataset
+    from monitor.scoring.backbone import Backbone
 
     a, b = Backbone.load(reference, "cpu"), Backbone.load(candidate, "cpu")
     paths = [c.path for clips_ in scan_dataset(dataset).values() for c in clips_ if c.split == "test"][:clips]

@@ -42,19 +42,18 @@ import sys
 import time
 
 import numpy as np
-
 from common import SHARED_DATA, LoadMonitor, table, write_json
 
-from monitor.service.alerts import AlertTracker  # noqa: E402  (common puts the repository on sys.path)
 from monitor.audio.files import Audio, load_audio  # noqa: E402
+from monitor.audio.mixing import mix_at_snr  # noqa: E402
 from monitor.bank.model import Bank, BankItem  # noqa: E402
 from monitor.config import AlertConfig, Config  # noqa: E402
 from monitor.offline.dataset import scan_dataset  # noqa: E402
-from monitor.scoring.detector import Detector  # noqa: E402
-from monitor.offline.evaluate import build_bank  # noqa: E402
-from monitor.scoring.idle import NOISE_CONDITION  # noqa: E402
 from monitor.offline.dcase import machine_figures, official_score  # noqa: E402
-from monitor.audio.mixing import mix_at_snr  # noqa: E402
+from monitor.offline.evaluate import build_bank  # noqa: E402
+from monitor.scoring.detector import Detector  # noqa: E402
+from monitor.scoring.idle import NOISE_CONDITION  # noqa: E402
+from monitor.service.alerts import AlertTracker  # noqa: E402  (common puts the repository on sys.path)
 
 SETS = ("uav-noisy", "fan-noisy")
 SNR_DB = (-6.0, 0.0)

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from monitor import __version__
 from monitor.audio.files import find_audio
-from monitor.bank.model import DEFAULT_CONDITION
 from monitor.bank.store import BankStore
-from monitor.config import BackboneConfig, Config, check_backbones, load_config
+from monitor.config import DEFAULT_CONDITION, BackboneConfig, Config, load_config
 from monitor.errors import (
     EXIT_DATA,
     EXIT_FAILURE,
@@ -30,8 +29,9 @@ from monitor.errors import (
     ConfigError,
     UsageError,
 )
+from monitor.offline.dcase import BOOTSTRAP_RESAMPLES
 from monitor.outputs.fanout import WINDOWS_LOG
-from monitor.scoring.backbone import builtin_names
+from monitor.scoring.backbone import builtin_names, check_backbones
 from monitor.scoring.detector import Detector
 from monitor.scoring.idle import NOISE_CONDITION
 from monitor.scoring.recording import score_recording
@@ -62,6 +62,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -155,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or Path("out") / f"evaluate-{Path(args.dataset).resolve().name}"
     detector = Detector.from_config(_config(args))
-    results, summary = run_evaluation(detector, args.dataset, out, _progress_factory("evaluate"))
+    results, summary = run_evaluation(detector, args.dataset, out, _progress_factory("evaluate"), args.bootstrap)
     if args.json:
         print(to_json(summary), end="")
     else:
@@ -378,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path,
                    help="write results.json, roc.png and the official CSVs here (default: out/evaluate-DATASET)")
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    p.add_argument("--bootstrap", type=_non_negative_int, default=BOOTSTRAP_RESAMPLES, metavar="N",
+                   help=f"resamples for the 95%% intervals of every figure (default {BOOTSTRAP_RESAMPLES}; 0: none)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bank", parents=[common], help="list, show, use, roll back, compact, prune, export or import bank versions")

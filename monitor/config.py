@@ -19,13 +19,19 @@ from typing import Any, Literal
 
 import yaml
 
-from monitor.bank.model import DEFAULT_CONDITION
-from monitor.errors import BackboneError, ConfigError
-from monitor.scoring.backbone import Backbone, Provider, resolve_model
-from monitor.scoring.knn import IndexType, Metric
-from monitor.scoring.ranking import FusionRule
+from monitor.errors import ConfigError
 
 DEFAULT_STATE_DIR = "/var/lib/asd-monitor"
+DEFAULT_CONDITION = "default"  # the operating condition of windows enrolled without one
+
+# The choices the schema offers; the modules that implement them take their lists from here
+# (knn.METRICS, knn.INDEX_TYPES, ranking.RULES, backbone.PROVIDERS, messages.ALERT_RULES), so no
+# list is written twice.
+Metric = Literal["cosine", "euclidean", "std-euclidean", "mahalanobis"]  # KNN distances
+IndexType = Literal["auto", "flat", "hnsw"]  # faiss index per condition
+FusionRule = Literal["mean", "max"]  # how backbones' ranks combine
+Provider = Literal["auto", "cpu", "cuda"]  # onnxruntime execution provider
+AlertRule = Literal["n_of_m", "cusum"]  # what raises an alert (also named in its payload)
 
 
 def _range(minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False) -> dict:
@@ -77,6 +83,14 @@ class AlertConfig:
     windows were anomalous (one odd window is not a fault), and cleared after ``clear_count``
     consecutive windows below ``clear_threshold``. After a clear, no new alert is raised for
     ``cooldown_seconds``, so a machine hovering at the threshold does not flood the plant.
+
+    ``rule: cusum`` raises instead by a CUSUM on ``-log(1 - rank)`` (monitor/service/alerts.py),
+    which catches a fault holding ranks at 0.93-0.97 that N-of-M at 0.99 waits for. Its alarm
+    level is derived, not tuned: ``cusum_arl_days`` is the mean time between false alarms on
+    normal audio at the configured hop (30 days: about a dozen a year per machine), and
+    ``cusum_drift`` the per-window evidence subtracted (2.0: midway between normal audio's mean
+    of 1 and the 3.0 of a fault at rank 0.95). Clearing and cooldown are the same for both
+    rules. The default stays ``n_of_m`` until measurements justify a switch.
     """
 
     threshold: float = field(default=0.99, metadata=_range(0.0, 1.0, exclusive_min=True))
@@ -85,6 +99,9 @@ class AlertConfig:
     clear_threshold: float = field(default=0.9, metadata=_range(0.0, 1.0, exclusive_min=True))
     clear_count: int = field(default=6, metadata=_range(1))
     cooldown_seconds: float = field(default=300.0, metadata=_range(0.0))
+    rule: AlertRule = "n_of_m"
+    cusum_arl_days: float = field(default=30.0, metadata=_range(0.0, exclusive_min=True))
+    cusum_drift: float = field(default=2.0, metadata=_range(0.0, exclusive_min=True))
 
 
 @dataclass(frozen=True)
@@ -319,26 +336,6 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
     config = _build(Config, data, "", source)
     _check_config(config, source)
     return config
-
-
-def check_backbones(config: Config, source: str, load: bool = True) -> None:
-    """What ``load_config`` leaves out because it costs a model load; ``check-config`` runs it,
-    and ``run`` before anything starts. Every ``backbones[].model`` must be a built-in or an
-    existing file (else a ConfigError, exit 78) and, with ``load``, an ONNX graph onnxruntime
-    opens, carrying our ``asd.*`` metadata: a file that is not is bad input data, so its own
-    error (exit 65, as at the start) with the key prepended. Loaded on the CPU: the file is
-    checked here, the provider is the start's business."""
-    for i, backbone in enumerate(config.backbones):
-        key = f"{source}: backbones[{i}].model"
-        try:
-            path = resolve_model(backbone.model)
-        except BackboneError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-        if load:
-            try:
-                Backbone.load(path, "cpu", threads=1)
-            except BackboneError as exc:
-                raise type(exc)(f"{key}: {exc}") from None
 
 
 def _check_config(config: Config, source: str) -> None:

@@ -99,6 +99,12 @@ def test_the_package_face_imports_nothing() -> None:
     assert import_graph()["monitor"] == set()
 
 
+def test_errors_and_config_are_the_ground_floor() -> None:
+    """Every room may import them, so they import nothing else of ours."""
+    graph = import_graph()
+    assert graph["monitor.errors"] == set() and graph["monitor.config"] == {"monitor.errors"}
+
+
 def test_every_module_imports_on_its_own() -> None:
     """Each module imported first, in a process of its own (one interpreter, each import after
     forgetting every module of ours), so no module works only because another was imported."""

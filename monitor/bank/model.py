@@ -17,8 +17,6 @@ import numpy as np
 
 from monitor.errors import BankError
 
-DEFAULT_CONDITION = 'default'  # the operating condition of windows enrolled without one
-
 # Backbone names become file names, so they are restricted to a safe set.
 BACKBONE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 

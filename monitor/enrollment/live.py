@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from monitor.bank.model import DEFAULT_CONDITION, BankItem
-from monitor.config import EnrollmentConfig
+from monitor.bank.model import BankItem
+from monitor.config import DEFAULT_CONDITION, EnrollmentConfig
 from monitor.errors import CommandError
 from monitor.scoring.idle import NOISE_CONDITION
 

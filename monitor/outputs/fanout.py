@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.config import Config
+from monitor.config import AlertRule, Config
 from monitor.outputs.clips import ClipStore
 from monitor.outputs.events import EventLog
 from monitor.outputs.messages import (
@@ -154,10 +154,10 @@ class Outputs:
 
     # ------------------------------------------------------------ transitions
     def alert(self, machine: str, kind: AlertType, event_id: str, start: float, end: float, score: WindowScore,
-              samples: np.ndarray, rate: int) -> AlertEvent:
+              samples: np.ndarray, rate: int, rule: AlertRule = "n_of_m") -> AlertEvent:
         """An alert raised or cleared (``start``: the episode's first anomalous window, ``end``:
-        the end of the window that decided). A raise saves the deciding window's clip first;
-        the alert goes out whatever happened to the clip."""
+        the end of the window that decided; ``rule``: the rule that raised it). A raise saves
+        the deciding window's clip first; the alert goes out whatever happened to the clip."""
         clip, clip_error = None, None
         if kind == "raise":
             try:
@@ -167,12 +167,12 @@ class Outputs:
                 log.exception("%s: saving the alert's clip failed", machine)
                 clip_error = f"clip not saved: {type(exc).__name__}: {exc}"
         event = AlertEvent(event_id, kind, self.topics.site, machine, iso_time(start), iso_time(end), score.fused,
-                           self.config.alerts.threshold, backbone_scores(score), score.condition, clip, clip_error)
+                           self.config.alerts.threshold, backbone_scores(score), score.condition, clip, clip_error, rule)
         self.telemetry.alert(machine, kind)
         self.events.write("alert", alert=event)
         if self.publisher is not None:
             self.publisher.publish_reliable(self.topics.alert(machine), event.to_json())
-        console.warning("%-12s ALERT %s %s (fused rank %.3f)%s", machine, kind.upper(), event_id, score.fused, f", clip {clip}" if clip else f", no clip: {clip_error}")
+        console.warning("%-12s ALERT %s %s (%s, fused rank %.3f)%s", machine, kind.upper(), event_id, rule, score.fused, f", clip {clip}" if clip else f", no clip: {clip_error}")
         return event
 
     def state(self, machine: str, state: MachineState, detail: str, event_id: str | None) -> None:

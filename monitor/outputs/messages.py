@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Literal, get_args
 
+from monitor.config import AlertRule
+
 ALERT_SCHEMA = "asd.alert/1"
 SCORE_SCHEMA = "asd.score/1"
 STATE_SCHEMA = "asd.state/1"
@@ -25,6 +27,7 @@ WindowStatus = Literal["ok", "sensor_fault", "idle"]  # of a window that was han
 WINDOW_STATUSES: tuple[str, ...] = get_args(WindowStatus)
 AlertType = Literal["raise", "clear"]
 ALERT_TYPES: tuple[str, ...] = get_args(AlertType)
+ALERT_RULES: tuple[str, ...] = get_args(AlertRule)
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -47,7 +50,13 @@ class _Payload:
 @dataclass(frozen=True)
 class AlertEvent(_Payload):
     """A raise or a clear. Both carry the episode's ``event_id``, so a subscriber can pair them
-    and drop duplicates (delivery is at least once)."""
+    and drop duplicates (delivery is at least once).
+
+    ``rule`` (``n_of_m`` or ``cusum``; a clear carries its raise's) was added after the first
+    release of ``asd.alert/1``: an added field does not change what any existing field means,
+    and subscribers ignore fields they do not know, so the schema version stays. ``start`` of a
+    CUSUM raise is its change-point estimate (where the statistic last left 0), not the first
+    window above ``threshold``."""
 
     event_id: str
     type: AlertType
@@ -61,6 +70,7 @@ class AlertEvent(_Payload):
     condition: str | None  # the enrolled operating condition nearest to the audio
     clip: str | None  # FLAC of the alarming window, or None
     clip_error: str | None = None  # why no clip was saved (disk full, disabled, ...)
+    rule: AlertRule = "n_of_m"  # the rule that raised the episode
     schema: str = ALERT_SCHEMA
 
 

@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
 from monitor.audio.files import Recording, Resampler, WindowCutter
-from monitor.errors import BackboneError, MissingDependency, first_line
+from monitor.config import Config, Provider
+from monitor.errors import BackboneError, ConfigError, MissingDependency, first_line
 from monitor.scoring.metadata import BackboneMetadata
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
-Provider = Literal["auto", "cpu", "cuda"]
 PROVIDERS: tuple[str, ...] = get_args(Provider)
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -167,3 +167,23 @@ class Backbone:
         """Every window of ``recording`` at once (see ``windows``): [n, window] and the starts."""
         cut = list(self.windows(recording, hop_seconds))
         return np.stack([w for _, w in cut]), [s for s, _ in cut]
+
+
+def check_backbones(config: Config, source: str, load: bool = True) -> None:
+    """What ``load_config`` leaves out because it costs a model load; ``check-config`` runs it,
+    and ``run`` before anything starts. Every ``backbones[].model`` must be a built-in or an
+    existing file (else a ConfigError, exit 78) and, with ``load``, an ONNX graph onnxruntime
+    opens, carrying our ``asd.*`` metadata: a file that is not is bad input data, so its own
+    error (exit 65, as at the start) with the key prepended. Loaded on the CPU: the file is
+    checked here, the provider is the start's business."""
+    for i, backbone in enumerate(config.backbones):
+        key = f"{source}: backbones[{i}].model"
+        try:
+            path = resolve_model(backbone.model)
+        except BackboneError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if load:
+            try:
+                Backbone.load(path, "cpu", threads=1)
+            except BackboneError as exc:
+                raise type(exc)(f"{key}: {exc}") from None

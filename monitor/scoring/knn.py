@@ -63,16 +63,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import get_args
 
 import faiss
 import numpy as np
 
+from monitor.config import IndexType, Metric
 from monitor.errors import KnnError
 
 log = logging.getLogger(__name__)
 
-Metric = Literal['cosine', 'euclidean', 'std-euclidean', 'mahalanobis']
 METRICS: tuple[str, ...] = get_args(Metric)
 WHITENED = ('std-euclidean', 'mahalanobis')
 
@@ -85,7 +85,6 @@ _STD_FLOOR = 1e-8
 LOO_FOLDS = 10
 
 # Index choice per condition sub-bank (see the module docstring for the measurements).
-IndexType = Literal['auto', 'flat', 'hnsw']
 INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
 AUTO_HNSW_MIN_SIZE = 100_000  # auto: HNSW from this many embeddings in a condition, flat below
 HNSW_M = 32  # graph degree

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 
+from monitor.config import FusionRule
 from monitor.errors import RankingError
 
-FusionRule = Literal["mean", "max"]
 RULES: tuple[str, ...] = get_args(FusionRule)
 
 

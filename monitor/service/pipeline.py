@@ -100,7 +100,10 @@ class Pipeline:
         """The alert stage: anomalous or not, raise or clear, and what the reference learns."""
         tracker = machine.tracker
         anomalous = tracker.is_anomalous(score.fused)
-        transition = tracker.update(start, end, score.fused)
+        # CUSUM caps a rank by the reference's resolution (the coarsest backbone's) and turns
+        # its false-alarm target in days into windows at the hop.
+        transition = tracker.update(start, end, score.fused, hop_seconds=self.config.daemon.hop_seconds,
+                                    reference_size=min(len(r) for r in scorer.references.values()))
         # Only clearly normal windows teach the reference: a window between the clear and the
         # raise threshold may be a fault building up, and learning it would hide the fault.
         if score.fused < self.config.alerts.clear_threshold and not tracker.alerting:
@@ -108,7 +111,7 @@ class Pipeline:
         self.outputs.scored(machine.name, start, end, score, anomalous)
         if transition is not None:
             self.outputs.alert(machine.name, transition.type, transition.event_id, transition.start, transition.end,
-                               score, samples, rate)
+                               score, samples, rate, transition.rule)
             if transition.type == "raise":
                 machine.set_state("alert", f"fused rank {score.fused:.3f}", transition.event_id)
             else:

@@ -85,6 +85,14 @@ def test_evaluate_writes_the_official_files(dataset: Path, tmp_path: Path, capsy
     assert results["official_score"] == results["systems"]["fused"]
     fig = results["machines"]["motor"]["fused"]
     assert fig["auc_source"] > 0.9 and fig["auc_target"] > 0.9  # the synthetic fault is obvious
+    boot = results["bootstrap"]  # 95 % intervals of every figure, paired against the fused system
+    assert boot["resamples"] == 1000 and boot["reference"] == "fused" and set(boot["systems"]) == {"aisfx", "logmel", "fused"}
+    for system, value in results["systems"].items():
+        low, high = boot["systems"][system]["official"]
+        assert low <= value <= high <= 1.0
+        assert set(boot["machines"]["motor"][system]) == {"auc_source", "auc_target", "pauc", "official"}
+    assert boot["differences"]["fused"]["official"] == [0.0, 0.0]
+    assert "official 95%" in printed and f"[{boot['systems']['fused']['official'][0]:.3f}, " in printed
     for folder in (out, out / "aisfx", out / "logmel"):
         lines = (folder / "anomaly_score_motor_section_00_test.csv").read_text().splitlines()
         assert len(lines) == 16 and all(len(line.split(",")) == 2 for line in lines)
@@ -96,10 +104,11 @@ def test_evaluate_writes_the_official_files(dataset: Path, tmp_path: Path, capsy
 def test_evaluate_without_out_writes_to_a_default_folder_and_says_where(
         dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", str(dataset), "--backbone", "logmel", "--json"]) == 0
+    assert main(["evaluate", str(dataset), "--backbone", "logmel", "--json", "--bootstrap", "0"]) == 0
     captured = capsys.readouterr()
     out = Path("out") / f"evaluate-{dataset.name}"
-    assert json.loads(captured.out)["official_score"] > 0.9  # stdout stays pure JSON
+    printed = json.loads(captured.out)  # stdout stays pure JSON
+    assert printed["official_score"] > 0.9 and printed["bootstrap"] is None  # --bootstrap 0: no intervals
     assert f"wrote {out / 'results.json'}, {out / 'roc.png'}" in captured.err
     assert (tmp_path / out / "roc.png").is_file() and (tmp_path / out / "results.json").is_file()
 
