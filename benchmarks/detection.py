@@ -41,7 +41,12 @@ from common import (
     write_json,
 )
 
-from monitor.config import BackboneConfig, Config  # noqa: E402  (common puts the repository on sys.path)
+from monitor.config import (  # noqa: E402  (common puts the repository on sys.path)
+    BackboneConfig,
+    Config,
+    FusionConfig,
+    ScoringConfig,
+)
 from monitor.offline.dataset import scan_dataset  # noqa: E402
 from monitor.offline.dcase import (  # noqa: E402
     BOOTSTRAP_RESAMPLES,
@@ -50,7 +55,7 @@ from monitor.offline.dcase import (  # noqa: E402
     machine_figures,
     official_score,
 )
-from monitor.offline.evaluate import evaluate_machine  # noqa: E402
+from monitor.offline.evaluate import FUSED, evaluate_machine  # noqa: E402
 from monitor.scoring.detector import Detector  # noqa: E402
 from monitor.scoring.ranking import fuse, self_rank  # noqa: E402
 
@@ -60,6 +65,11 @@ RULES = ("mean", "max")
 WEIGHTS = ((1.0, 1.0), (2.0, 1.0), (1.0, 2.0))
 # The daemon's default (aisfx alone, Mahalanobis): every system's difference is measured to it.
 DEFAULT_SYSTEM = "aisfx mahalanobis"
+# Density-normalised KNN (scoring.normalisation: density) for these (model, metric) pairs, and
+# Z-MIN fusion (fusion.rule: zmin, computed by the detector from its bank) of these pairs, each
+# without and with density normalisation (issue 13).
+DENSITY = (("aisfx", "mahalanobis"), ("aisfx", "cosine"), ("logmel", "mahalanobis"))
+ZMIN_PAIRS = ((("aisfx", "mahalanobis"), ("logmel", "cosine")), (("aisfx", "mahalanobis"), ("logmel", "mahalanobis")))
 
 
 @dataclass
@@ -84,6 +94,28 @@ def single_systems(model: str, machine: str, clips) -> tuple[list[System], list[
         label = f"{Path(model).stem if model.endswith('.onnx') else model} {metric}"
         out.append(System(label, result.raw[name], result.figures[name]))
     return out, domains, labels
+
+
+def normalised_systems(models: list[str], machine: str, clips) -> list[System]:
+    """Density-normalised single systems and Z-MIN fusions, each one evaluate run."""
+    out = []
+    runs = [(f"{m} {metric} density", [BackboneConfig(m, metric=metric)], "mean", "density")
+            for m, metric in DENSITY if m in models]
+    for (ma, a), (mb, b) in ZMIN_PAIRS:
+        if ma in models and mb in models:
+            for norm in ("none", "density"):
+                suffix = " density" if norm == "density" else ""
+                runs.append((f"{ma} {a} + {mb} {b}, zmin{suffix}", [BackboneConfig(ma, metric=a), BackboneConfig(mb, metric=b)],
+                             "zmin", norm))
+    for label, backbones, rule, norm in runs:
+        config = Config(backbones=backbones, scoring=ScoringConfig(normalisation=norm), fusion=FusionConfig(rule=rule))
+        result = evaluate_machine(Detector.from_config(config), machine, clips, lambda _n: None)
+        if len(backbones) == 1:
+            (name,) = result.raw
+            out.append(System(label, result.raw[name], result.figures[name]))
+        else:
+            out.append(System(label, result.fused, result.figures[FUSED]))
+    return out
 
 
 def fused_systems(singles: list[System], domains: list[str], labels: list[bool]) -> list[System]:
@@ -114,7 +146,8 @@ def evaluate_set(root: Path, models: list[str], resamples: int = BOOTSTRAP_RESAM
             systems, domains, labels = single_systems(model, machine, clips)
             singles += systems
         clips_of[machine] = (domains, labels)
-        for system in singles + fused_systems(singles, domains, labels):
+        extra = normalised_systems(models, machine, clips)
+        for system in singles + fused_systems(singles, domains, labels) + extra:
             entry = per_system.setdefault(system.name, {"machines": {}, "figures": []})
             entry["machines"][machine] = system.figures.to_dict()
             entry["figures"].append(system.figures)
@@ -151,15 +184,36 @@ def plot(results: dict[str, dict[str, dict]], path: Path, top: int = 12) -> None
         fused = sorted((s for s in systems if "+" in s), key=lambda s: -systems[s]["official"])[:top - len(singles)]
         chosen = sorted(singles + fused, key=lambda s: systems[s]["official"])
         values = [systems[s]["official"] for s in chosen]
-        ax.barh(range(len(chosen)), values, color=["tab:blue" if "+" not in s else "tab:orange" for s in chosen])
+        intervals = [systems[s].get("official_95") or [v, v] for s, v in zip(chosen, values)]
+        errors = np.array([[v - low for (low, _), v in zip(intervals, values)],
+                           [high - v for (_, high), v in zip(intervals, values)]])
+        ax.barh(range(len(chosen)), values, xerr=errors, error_kw={"elinewidth": 0.8, "capsize": 2},
+                color=["tab:blue" if "+" not in s else "tab:orange" for s in chosen])
         ax.set_yticks(range(len(chosen)), chosen, fontsize=7)
-        ax.set_xlim(min(values) - 0.05, 1.0)
-        ax.set_title(f"{name}: official score (hmean of AUC src, AUC tgt, pAUC)", fontsize=9)
-        for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3f}", va="center", fontsize=7)
+        ax.set_xlim(min(low for low, _ in intervals) - 0.02, 1.0)
+        ax.set_title(f"{name}: official score, 95 % bootstrap interval", fontsize=9)
+        for i, (v, (_, high)) in enumerate(zip(values, intervals)):
+            ax.text(high, i, f" {v:.3f}", va="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def leave_one_set_out(results: dict[str, dict[str, dict]]) -> list[dict]:
+    """Choose on one set, read on the other: the system with the best official score on each
+    set, and what it scores (with its paired difference to the default) on every other set.
+    A setting tuned to one small set shows here as a loss, or a difference spanning zero, on
+    the set it was not chosen on."""
+    out = []
+    for chosen_on, systems in results.items():
+        best = max(systems, key=lambda name: systems[name]["official"])
+        for read_on, others in results.items():
+            if read_on != chosen_on and best in others:
+                entry = others[best]
+                out.append({"chosen_on": chosen_on, "system": best, "read_on": read_on,
+                            "official": entry["official"], "official_95": entry.get("official_95"),
+                            "difference_to_default_95": entry.get("difference_to_default_95")})
+    return out
 
 
 def _interval(pair: list[float] | None, signed: bool = False) -> str:
@@ -204,12 +258,17 @@ def main() -> int:
         table(["system", "machine", "AUC src", "AUC tgt", "pAUC", "official (set)", "95%",
                f"minus {DEFAULT_SYSTEM}, 95%"], rows,
               title=f"{name} (sorted by the set's official score; intervals: paired stratified bootstrap)")
+    crossed = leave_one_set_out(results)
+    table(["chosen on", "best system there", "read on", "official", "95%", f"minus {DEFAULT_SYSTEM}, 95%"],
+          [[c["chosen_on"], c["system"], c["read_on"], c["official"], _interval(c["official_95"]),
+            _interval(c["difference_to_default_95"], signed=True)] for c in crossed],
+          title="leave one set out: the best system of one set, read on the other")
     write_json(args.name, {"backbones": models, "metrics": list(METRICS), "rules": list(RULES),
                            "weights": [list(w) for w in WEIGHTS], "seconds": seconds,
                            "bootstrap": {"resamples": args.bootstrap, "seed": 0, "level": 0.95,
                                          "reference": DEFAULT_SYSTEM,
                                          "strata": "per machine: source normals, target normals, anomalies"},
-                           "sets": results}, load)
+                           "sets": results, "leave_one_set_out": crossed}, load)
     plot(results, RESULTS / f"{args.name}.png")
     return 0
 

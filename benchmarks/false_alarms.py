@@ -26,9 +26,25 @@ How far to trust the figures: uav-noisy has 720 s of normal test audio and fan-n
 alerts only bounds the rate: the table gives the 95 % upper bound (exact Poisson) next to it, and
 the share of normal windows above the threshold, which is measured far more precisely.
 
-    .venv/bin/python benchmarks/false_alarms.py [--sets uav-noisy,fan-noisy]
+    .venv/bin/python benchmarks/false_alarms.py [--sets uav-noisy,fan-noisy] [--only test|long]
 
 Results: ``benchmarks/results/false_alarms.json``.
+
+Part 2 (``--only long`` runs only it; ``--only test`` only part 1; default both): the longest normal stream the data allows.
+The test sets alone are 1/120 and 1/864 of a day, so for each set and each of ``--splits`` seeded
+random bank splits, all of the set's normal clips (train + test, pooled) are split in half per
+domain: one half is enrolled as the bank (as in step 1), the other half is streamed, in random
+order, through the real daemon (same settings as above, file source at speed 1000), once per
+alert rule (n_of_m default, cusum at its config default). Half of the pool, not today's train
+bank size: a bank of today's size (210 of 282 uav-noisy clips, 32 of 52 fan-noisy) would leave only
+as much normal audio to stream as the test set already has; half doubles the streamed audio per
+split (uav-noisy 141 clips, 1410 s; fan-noisy 26 clips, 130 s) while the bank stays of the same
+order (141 vs 210 clips, 26 vs 32), and splitting per domain keeps the target domain in every bank.
+Exposure pooled over splits counts each split's streamed audio; a clip streams in about half of
+the splits, so the pooled hours are not independent audio (the unique normal audio is the pool).
+Results: ``benchmarks/results/false_alarms_long.json``.
+
+    .venv/bin/python benchmarks/false_alarms.py --only long [--splits 5] [--seed 13]
 """
 
 from __future__ import annotations
@@ -237,10 +253,125 @@ def summarise(data: MachineData, kind: str, run: dict, paths: list[Path]) -> dic
     return out
 
 
+# ------------------------------------------------------------------- part 2: long normal stream
+
+LONG_RULES: list[tuple[str, dict]] = [
+    ("n_of_m (default): rank > 0.99, 3 of 5", {}),
+    ("cusum (config default): 1 false alarm / 30 days, drift 2", {"rule": "cusum"}),
+]
+
+
+def split_pool(data: MachineData, rng: np.random.Generator) -> tuple[dict[str, list[Path]], list[Path]]:
+    """All normal clips (train + test) pooled; half of each domain (rounded down) to the bank,
+    the rest streamed in random order."""
+    pool: dict[str, list[Path]] = {}
+    for paths in data.train.values():
+        for p in paths:
+            pool.setdefault(data.domain[p], []).append(p)
+    for p in data.normal:
+        pool.setdefault(data.domain[p], []).append(p)
+    bank: dict[str, list[Path]] = {}
+    stream: list[Path] = []
+    for domain, paths in sorted(pool.items()):
+        paths = sorted(paths)
+        order = rng.permutation(len(paths))
+        half = len(paths) // 2
+        bank[domain] = [paths[i] for i in order[:half]]
+        stream.extend(paths[i] for i in order[half:])
+    stream = [stream[i] for i in rng.permutation(len(stream))]
+    return bank, stream
+
+
+def long_summary(runs: list[dict]) -> dict:
+    """Pooled over splits: exposure, windows above the threshold, alerts, alerts/day + 95 % upper."""
+    audio = sum(r["audio_s"] for r in runs)
+    scored = sum(r["scored"] for r in runs)
+    flagged = sum(r["flagged"] for r in runs)
+    raises = sum(r["raises"] for r in runs)
+    days = audio / DAY
+    per_day = [r["alerts_per_day"] for r in runs]
+    upper = [r["alerts_per_day_95_upper"] for r in runs]
+    share = [r["flagged_share"] for r in runs]
+    return {"splits": len(runs), "audio_s": round(audio, 1), "hours": round(audio / 3600, 3),
+            "days": round(days, 5), "scored": scored, "flagged": flagged,
+            "flagged_share": round(flagged / max(1, scored), 5),
+            "flagged_share_95_upper": round(poisson_upper(flagged) / max(1, scored), 5),
+            "raises": raises, "alerts_per_day": round(raises / days, 1),
+            "alerts_per_day_95_upper": round(poisson_upper(raises) / days, 1),
+            "split_alerts_per_day_range": [min(per_day), max(per_day)],
+            "split_95_upper_range": [min(upper), max(upper)],
+            "split_flagged_share_range": [min(share), max(share)]}
+
+
+def run_long(present: list[str], bench: Path, splits: int, seed: int) -> None:
+    memoise_embeddings()
+    work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-long-"))
+    results: dict = {"hop_s": HOP, "splits": splits, "seed": seed,
+                     "bank": "half of each domain's normal clips (train + test pooled), rounded down",
+                     "rules": {label: r for label, r in LONG_RULES}, "sets": {}}
+    started = time.perf_counter()
+    try:
+        with LoadMonitor() as load:
+            for name in present:
+                for data in machines_of(bench / name):
+                    key = f"{name}/{data.name}"
+                    rng = np.random.default_rng([seed, sum(map(ord, key))])
+                    entry: dict = {"pool_clips": sum(map(len, data.train.values())) + len(data.normal),
+                                   "splits": [], "rules": {}}
+                    per_rule: dict[str, list[dict]] = {label: [] for label, _ in LONG_RULES}
+                    for k in range(splits):
+                        bank_paths, stream = split_pool(data, rng)
+                        split_data = MachineData(data.name, bank_paths, stream, [], data.clip_seconds, data.domain)
+                        bank = work / "banks" / key / str(k)
+                        t = time.perf_counter()
+                        info = {"split": k, "bank_clips": {d: len(v) for d, v in bank_paths.items()},
+                                "stream_clips": len(stream),
+                                "stream_domains": {d: sum(data.domain[p] == d for p in stream)
+                                                   for d in sorted(bank_paths)},
+                                "bank": enroll(split_data, bank, work), "rules": {}}
+                        for label, alerts in LONG_RULES:
+                            run = replay(stream, bank, work / "state", alerts, data.name)
+                            res = summarise(split_data, "normal", run, stream)
+                            res.pop("ranks")
+                            res["max_rank"] = max((w["fused_rank"] for w in run["windows"]
+                                                   if w["fused_rank"] is not None), default=None)
+                            info["rules"][label] = res
+                            per_rule[label].append(res)
+                        info["seconds"] = round(time.perf_counter() - t, 1)
+                        entry["splits"].append(info)
+                        print(f"{key} split {k}: bank {info['bank']['windows']} windows, stream "
+                              f"{len(stream)} clips; " + "; ".join(
+                                  f"{label.split(' ')[0]} {r['flagged']}/{r['scored']} flagged, {r['raises']} alerts"
+                                  for label, r in info["rules"].items()) + f" ({info['seconds']} s)", flush=True)
+                    entry["rules"] = {label: long_summary(runs) for label, runs in per_rule.items()}
+                    results["sets"][key] = entry
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    results["embedding_memo"] = dict(memo_stats)
+
+    rows = []
+    for key, entry in results["sets"].items():
+        for label, s in entry["rules"].items():
+            rows.append([key, label, s["splits"], s["hours"], f"{s['flagged']}/{s['scored']}", s["flagged_share"],
+                         s["raises"], s["alerts_per_day"], s["alerts_per_day_95_upper"],
+                         "{}-{}".format(*s["split_alerts_per_day_range"]),
+                         "{}-{}".format(*s["split_95_upper_range"])])
+    table(["set", "rule", "splits", "normal hours", "windows > thr", "share", "alerts", "per day",
+           "95% upper/day", "per split: per day", "per split: 95% upper"], rows,
+          title=f"long normal stream: bank = half of each domain's normal clips, rest streamed; "
+                f"{splits} splits, seed {seed}")
+    write_json("false_alarms_long", results, load)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="uav-noisy,fan-noisy")
     parser.add_argument("--bench", type=Path, default=SHARED_DATA / "bench")
+    parser.add_argument("--only", choices=("test", "long"), default=None,
+                        help="run only part 1 (test clips) or part 2 (long normal stream); default both")
+    parser.add_argument("--splits", type=int, default=5, help="part 2: random bank splits per set")
+    parser.add_argument("--seed", type=int, default=13, help="part 2: seed of the splits")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -250,9 +381,19 @@ def main() -> int:
         print(f"skipping {s}: {args.bench / s} not found")
     if not present:
         print("no benchmark set found; nothing to do")
-        write_json("false_alarms", {"skipped": missing, "sets": {}})
+        if args.only != "long":
+            write_json("false_alarms", {"skipped": missing, "sets": {}})
+        if args.only != "test":
+            write_json("false_alarms_long", {"skipped": missing, "sets": {}})
         return 0
+    if args.only != "long":
+        run_test(present, missing, args.bench)
+    if args.only != "test":
+        run_long(present, args.bench, args.splits, args.seed)
+    return 0
 
+
+def run_test(present: list[str], missing: list[str], bench: Path) -> None:
     memoise_embeddings()
     work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-"))
     results: dict = {"hop_s": HOP, "settings": {label: s for label, s in SETTINGS}, "skipped": missing, "sets": {}}
@@ -260,7 +401,7 @@ def main() -> int:
     try:
         with LoadMonitor() as load:
             for name in present:
-                for data in machines_of(args.bench / name):
+                for data in machines_of(bench / name):
                     key = f"{name}/{data.name}"
                     bank = work / "banks" / key
                     entry = {"bank": enroll(data, bank, work), "normal_clips": len(data.normal),
@@ -302,7 +443,6 @@ def main() -> int:
               [[label, res["normal"]["flagged_share_by_domain"], res["anomaly"]["flagged_share_by_domain"]]
                for label, res in entry["settings"].items()], title=f"{key}: by domain")
     write_json("false_alarms", results, load)
-    return 0
 
 
 if __name__ == "__main__":

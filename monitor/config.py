@@ -29,7 +29,8 @@ DEFAULT_CONDITION = "default"  # the operating condition of windows enrolled wit
 # list is written twice.
 Metric = Literal["cosine", "euclidean", "std-euclidean", "mahalanobis"]  # KNN distances
 IndexType = Literal["auto", "flat", "hnsw"]  # faiss index per condition
-FusionRule = Literal["mean", "max"]  # how backbones' ranks combine
+FusionRule = Literal["mean", "max", "zmin"]  # how backbones' scores combine
+Normalisation = Literal["none", "density"]  # KNN distance as is, or in units of the local spread
 Provider = Literal["auto", "cpu", "cuda"]  # onnxruntime execution provider
 AlertRule = Literal["n_of_m", "cusum"]  # what raises an alert (also named in its payload)
 
@@ -65,11 +66,17 @@ class ScoringConfig:
     # With site noise enrolled: a window is idle (machine stopped) when its distance to the
     # noise is at most this share of its distance to the running machine (monitor/scoring/idle.py).
     idle_margin: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
+    # density: each distance divided by the mean own-distance (leave-one-out, within the
+    # condition) of the neighbours it was measured to (monitor/scoring/knn.py). Off by default:
+    # not shown to help on both benchmark sets (README).
+    normalisation: Normalisation = "none"
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """How per-backbone ranks are combined."""
+    """How per-backbone scores are combined: ``mean``/``max`` of ranks, or ``zmin``, the minimum
+    over backbones of each raw score z-normalised by its bank's leave-one-out scores, ranked
+    against the same minimum of the bank's leave-one-out scores (monitor/scoring/ranking.py)."""
 
     rule: FusionRule = "mean"
 

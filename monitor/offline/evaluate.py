@@ -40,7 +40,6 @@ from monitor.offline.report import (
     write_results_json,
 )
 from monitor.scoring.detector import Detector
-from monitor.scoring.ranking import fuse, self_rank
 from monitor.scoring.recording import score_recording
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def evaluate_machine(detector: Detector, machine: str, clips: Sequence[Clip], pr
             raw[name][i] = scores.raw[name].max()
         decision_ranks[i] = scores.fused.max()
         progress(1)
-    fused = fuse({n: self_rank(raw[n]) for n in names}, detector.weights, detector.config.fusion.rule)
+    fused = detector.fuse_transductive(raw)
     result = MachineResult(machine, list(test), raw, fused, decision_ranks, detector.config.alerts.threshold)
     labelled = [i for i, c in enumerate(test) if c.label is not None]
     if len({test[i].is_anomaly for i in labelled}) < 2:

@@ -24,7 +24,7 @@ from monitor.errors import BackboneError, ClipTooShort
 from monitor.scoring.backbone import Backbone
 from monitor.scoring.idle import IdleDetector, noise_rows
 from monitor.scoring.knn import KnnScorer
-from monitor.scoring.ranking import RankReference, fuse
+from monitor.scoring.ranking import RankReference, ZMin, fuse, self_rank
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +88,7 @@ class Detector:
         self.metrics = {b.name: spec.metric or config.scoring.metric for b, spec in zip(backbones, config.backbones)}
         self._knn: dict[str, KnnScorer] = {}
         self._anchored: dict[str, RankReference] = {}
+        self._zmin: ZMin | None = None
         self._idle: IdleDetector | None = None
         self.bank: Bank | None = None
 
@@ -193,18 +194,29 @@ class Detector:
                                 "at least 2 are needed to rank scores")
         running_conditions = [conditions[i] for i in running]
         scoring = self.config.scoring
+        loo = {}
         for backbone in self.backbones:
             embeddings = bank.embeddings[backbone.name]
             knn = KnnScorer(embeddings[running], running_conditions, self.metrics[backbone.name], scoring.k,
-                            scoring.shrinkage, scoring.index)
+                            scoring.shrinkage, scoring.index, scoring.normalisation)
             self._knn[backbone.name] = knn
-            self._anchored[backbone.name] = RankReference(knn.leave_one_out(max_rows=scoring.reference_max_windows))
+            loo[backbone.name] = knn.leave_one_out(max_rows=scoring.reference_max_windows)
+            self._anchored[backbone.name] = RankReference(loo[backbone.name])
+        self._zmin = ZMin(loo, self.weights) if self.config.fusion.rule == "zmin" else None
         lead = self.lead_backbone
         self._idle = None if not len(noise) else IdleDetector(
             bank.embeddings[lead][running], bank.embeddings[lead][noise], scoring.k, scoring.idle_margin)
         self.bank = bank
         log.info("detector fitted on bank %s: %d windows, conditions %s", bank.version or "(in memory)",
                  len(bank), ",".join(bank.conditions))
+
+    def fuse_transductive(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Offline fused score of a test set's clip scores, ranked within the set itself (the
+        method's transductive fusion): mean/max of per-backbone self-ranks, or for ``zmin`` the
+        self-rank of the z-min values (z-normalised by the bank's statistics, fitted here)."""
+        if self._zmin is not None:
+            return self_rank(self._zmin.values(raw))
+        return fuse({n: self_rank(v) for n, v in raw.items()}, self.weights, self.config.fusion.rule)
 
     def reference(self, name: str) -> np.ndarray:
         """The bank's leave-one-out distances of one backbone (finite, sorted)."""
@@ -225,7 +237,8 @@ class Detector:
         for name, knn in self._knn.items():
             raw[name], conditions[name] = knn.score_with_conditions(embeddings[name])
         ranks = {name: np.asarray(references[name].rank(values)) for name, values in raw.items()}
-        fused = fuse(ranks, self.weights, self.config.fusion.rule)
+        # zmin: ranked against the bank's own z-min values (anchored; see ranking.ZMin).
+        fused = self._zmin.rank(raw) if self._zmin is not None else fuse(ranks, self.weights, self.config.fusion.rule)
         lead = self.lead_backbone
         idle = (self._idle.is_idle(embeddings[lead]) if self._idle is not None
                 else np.zeros(len(raw[lead]), dtype=bool))

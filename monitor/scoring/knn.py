@@ -68,7 +68,7 @@ from typing import get_args
 import faiss
 import numpy as np
 
-from monitor.config import IndexType, Metric
+from monitor.config import IndexType, Metric, Normalisation
 from monitor.errors import KnnError
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,17 @@ HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 40  # faiss's default
 HNSW_EF_SEARCH = 256  # candidates kept while searching (raised to k when k is larger)
 
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
+# Density normalisation divides by a mean own-distance floored at DENSITY_FLOOR times the
+# FLOOR_QUANTILE quantile of the bank's own-distances (relative, so it means the same in every
+# metric's units). Exact duplicate windows have own-distance 0 (or float32 rounding noise, 1e-7,
+# for cosine); without the floor a query near them would score inf, 0/0 or noise/noise. A high
+# quantile rather than the median, so that a bank mostly of duplicates still has a real scale;
+# 1e-3 of it is far below any real spread, so the floor only acts on (near-)duplicates. A bank
+# whose own-distances are (almost) all 0 is left unnormalised (denominator 1).
+DENSITY_FLOOR = 1e-3
+FLOOR_QUANTILE = 0.9
+
 
 class KnnScorer:
     """Scores queries by their mean distance to the k nearest enrolled embeddings.
@@ -108,6 +119,20 @@ class KnnScorer:
     (``shrinkage=1`` is exactly ``std-euclidean``). Statistics are those of the
     WHOLE bank, not per condition, so every condition is measured in the same
     units and the minimum over conditions is fair.
+
+    ``normalisation='density'`` (arXiv 2509.10951): a condition whose normal
+    sound varies a lot (a loose cluster) gives larger distances to normal
+    queries than a tight one, so a raw distance threshold is too strict for the
+    one and too lax for the other, and the minimum over conditions favours the
+    loose one. Each bank window's own k-NN distance within its condition's
+    sub-bank (itself left out) is stored at fit time; a query's score in a
+    condition is its k-NN distance there divided by the mean own-distance of
+    those k neighbours, i.e. a distance in units of the local spread. The
+    minimum over conditions then compares these ratios. The denominator is
+    floored (``DENSITY_FLOOR``); an embedding alone in its condition has no
+    own-distance and gets the bank's median one. Own-distances are measured in
+    the live metric space with the live index (exact below the HNSW threshold)
+    and cost one search of the bank against itself at fit time.
     """
 
     def __init__(
@@ -118,7 +143,10 @@ class KnnScorer:
         k: int = 1,
         shrinkage: float = 0.5,
         index: str = 'auto',
+        normalisation: str = 'none',
     ) -> None:
+        if normalisation not in NORMALISATIONS:
+            raise KnnError(f"unknown normalisation {normalisation!r} (expected one of {', '.join(NORMALISATIONS)})")
         if metric not in METRICS:
             raise KnnError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
         if index not in INDEX_TYPES:
@@ -145,6 +173,9 @@ class KnnScorer:
             self._group_of[members] = g
         self._kinds = tuple(self._index_kind(members.size) for members in self._groups)
         self._indexes = self._build_indexes(self._prepare(bank, self._transform), self._kinds)
+        self._normalisation = normalisation
+        if normalisation == 'density':
+            self._fit_density(self._prepare(bank, self._transform))
         log.debug(
             "KNN bank: %d embeddings, dim %d, metric %s, k %d, conditions %s",
             bank.shape[0], bank.shape[1], metric, self._k,
@@ -167,6 +198,10 @@ class KnnScorer:
     def conditions(self) -> tuple[str, ...]:
         """Sorted unique operating conditions ('' alone when none were given)."""
         return self._names
+
+    @property
+    def normalisation(self) -> str:
+        return self._normalisation
 
     @property
     def index(self) -> str:
@@ -204,8 +239,10 @@ class KnnScorer:
                 if missing.any():
                     # An approximate graph search that came back with fewer than k results
                     # (not seen in practice with ef_search >= k): those queries go exact.
-                    found[missing], _ = _exact(index).search(np.ascontiguousarray(prepared[missing]), kk)
+                    found[missing], ids[missing] = _exact(index).search(np.ascontiguousarray(prepared[missing]), kk)
                 per_condition[g] = self._to_distance(found).mean(axis=1)
+                if self._normalisation == 'density':
+                    per_condition[g] /= self._density(members[ids])
         nearest = per_condition.argmin(axis=0)
         return per_condition.min(axis=0, initial=np.inf), [self._names[g] for g in nearest]
 
@@ -260,8 +297,11 @@ class KnnScorer:
             inside = self._group_of[rows] == g
             outsiders = rows[~inside]
             if outsiders.size:
-                found, _ = index.search(np.ascontiguousarray(prepared[outsiders]), min(self._k, size))
-                best[~inside] = np.minimum(best[~inside], self._to_distance(found).mean(axis=1))
+                found, ids = index.search(np.ascontiguousarray(prepared[outsiders]), min(self._k, size))
+                score = self._to_distance(found).mean(axis=1)
+                if self._normalisation == 'density':
+                    score /= self._density(members[ids])
+                best[~inside] = np.minimum(best[~inside], score)
             if size == 1 or not inside.any():
                 continue
             # Members search one extra neighbour and drop themselves. With exact
@@ -275,8 +315,69 @@ class KnnScorer:
             is_self = ids == position[:, None]
             is_self[~is_self.any(axis=1), -1] = True
             others = found[~is_self].reshape(own.size, kk)
-            best[inside] = np.minimum(best[inside], self._to_distance(others).mean(axis=1))
+            score = self._to_distance(others).mean(axis=1)
+            if self._normalisation == 'density':
+                neighbours = members[ids[~is_self].reshape(own.size, kk)]
+                score /= self._density(neighbours, left_out=own, size=size - 1)
+            best[inside] = np.minimum(best[inside], score)
         return best
+
+    def _fit_density(self, prepared: np.ndarray) -> None:
+        """Store each bank window's nearest own-condition neighbours (itself left out).
+
+        Up to k + 1 of them are kept (bank rows and distances, nearest first): the first k give
+        the window's own-distance; the spare one lets the leave-one-out reference recompute a
+        neighbour's own-distance without the left-out window (else a pair of mutual nearest
+        neighbours would divide a distance by itself, and the reference would come out too high).
+        """
+        n = len(self)
+        keep = self._k + 1
+        self._own_rows = np.full((n, keep), -1, dtype=np.int64)
+        self._own_dist = np.full((n, keep), np.nan)
+        for members, index in zip(self._groups, self._indexes):
+            size = members.size
+            if size == 1:
+                continue
+            kk = min(keep, size - 1)
+            found, ids = index.search(np.ascontiguousarray(prepared[members]), kk + 1)
+            missing = (ids < 0).any(axis=1)
+            if missing.any():
+                found[missing], ids[missing] = _exact(index).search(np.ascontiguousarray(prepared[members[missing]]), kk + 1)
+            # Drop the window itself (or, with exact duplicates ranked before it, the last
+            # neighbour: same distance), as in _loo_rows.
+            is_self = ids == np.arange(size)[:, None]
+            is_self[~is_self.any(axis=1), -1] = True
+            self._own_rows[members, :kk] = members[ids[~is_self].reshape(size, kk)]
+            self._own_dist[members, :kk] = self._to_distance(found[~is_self].reshape(size, kk))
+        counts = np.array([min(self._k, members.size - 1) for members in self._groups])[self._group_of]
+        own = np.full(n, np.nan)
+        has = counts > 0
+        own[has] = _mean_first(self._own_dist[has], np.ones_like(self._own_rows[has], dtype=bool), counts[has])
+        known = own[np.isfinite(own)]
+        self._own_fallback = float(np.median(known)) if known.size else 1.0
+        top = float(np.quantile(known, FLOOR_QUANTILE)) if known.size else 0.0
+        # No spread at all (every window enrolled at least twice): no local spread to measure in,
+        # so distances are left as they are (denominator 1).
+        self._own_floor = DENSITY_FLOOR * top if top > 0 else 1.0
+        self._own = np.where(np.isfinite(own), own, self._own_fallback)
+
+    def _density(self, neighbours: np.ndarray, left_out: np.ndarray | None = None, size: int | None = None) -> np.ndarray:
+        """Mean own-distance of each row of ``neighbours`` (bank rows [M, k']), floored.
+
+        With ``left_out`` (one bank row per query, in a sub-bank that has ``size`` members once
+        it is left out) each neighbour's own-distance is recomputed without that row.
+        """
+        if left_out is None:
+            own = self._own[neighbours]
+        else:
+            count = min(self._k, size - 1)
+            if count == 0:  # the neighbour is alone without the left-out window
+                own = np.full(neighbours.shape, self._own_fallback)
+            else:
+                rows = self._own_rows[neighbours]  # [M, k', k + 1]
+                valid = (rows >= 0) & (rows != left_out[:, None, None])
+                own = _mean_first(self._own_dist[neighbours], valid, np.full(neighbours.shape, count))
+        return np.maximum(own.mean(axis=1), self._own_floor)
 
     def _build_indexes(self, prepared: np.ndarray, kinds: Sequence[str]) -> list[faiss.Index]:
         """One index per condition, of the given kinds (``flat`` or ``hnsw``)."""
@@ -334,6 +435,15 @@ class KnnScorer:
             # float32 rounding can push a similarity just past +-1.
             return np.clip(1.0 - found, 0.0, 2.0)
         return np.sqrt(np.maximum(found, 0.0))
+
+
+def _mean_first(values: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean of the first ``counts`` valid entries along the last axis (nan where fewer)."""
+    taken = valid & (np.cumsum(valid, axis=-1) <= counts[..., None])
+    total = np.where(taken, np.nan_to_num(values), 0.0).sum(axis=-1)
+    got = taken.sum(axis=-1)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return np.where(got == counts, total / np.maximum(got, 1), np.nan)
 
 
 def _exact(index: faiss.Index) -> faiss.Index:

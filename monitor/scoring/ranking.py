@@ -12,6 +12,11 @@ The reference (``RankReference``) has two parts:
   reference follow the room (a neighbouring machine switched on) without learning faults; the
   daemon decides which windows are clearly normal (``monitor.service.pipeline``).
 
+``zmin`` fusion (Z-MIN back-end, arXiv 2509.10951) fuses raw scores instead of ranks: each
+backbone's score is z-normalised by the mean and std of its own bank's leave-one-out scores and
+the minimum over backbones is taken (``ZMin``). It needs no labels and, unlike a rank, keeps how
+far beyond the bank's spread a score lies.
+
 Offline evaluation also ranks each backbone's clip scores within the test set itself
 (``self_rank``: the method's transductive rank fusion).
 """
@@ -93,13 +98,63 @@ class RankReference:
             self._rolling.append(float(score))
 
 
+# A backbone whose leave-one-out scores are all equal has no spread to divide by: its std is
+# floored at this share of |mean| (or at 1 when the mean is 0), so z stays finite.
+_ZMIN_STD_FLOOR = 1e-12
+
+
+class ZMin:
+    """Z-MIN fusion fitted on the bank: per backbone the mean and std of its leave-one-out scores,
+    and the reference of fused values the bank itself gets.
+
+    Why the minimum: a window is only called anomalous when every backbone finds it far from
+    normal in units of that backbone's own normal spread, which suppresses one backbone's false
+    alarms (the study's finding for domain-shifted test data). With one backbone the z-score is
+    an increasing function of the raw score, so the fused value orders windows as it does.
+
+    The alert threshold needs a rank in [0, 1], not a z value, so ``rank`` places a z-min value
+    within the z-min values of the bank's own leave-one-out scores (each bank window's per-backbone
+    leave-one-out scores, z-normalised the same way, minimum over backbones): the same calibration
+    mean/max get from ranking each backbone against its leave-one-out reference. This reference
+    is anchored only: the daemon's rolling per-backbone references do not enter it.
+    """
+
+    def __init__(self, leave_one_out: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None) -> None:
+        names = [n for n in leave_one_out if weights is None or weights.get(n, 1.0) > 0]
+        if not names:
+            raise RankingError("zmin: no backbone with a weight above 0")
+        self.stats: dict[str, tuple[float, float]] = {}
+        for name in names:
+            values = np.asarray(leave_one_out[name], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            if finite.size == 0:
+                raise RankingError(f"zmin: backbone {name} has no finite leave-one-out score")
+            mean, std = float(finite.mean()), float(finite.std())
+            self.stats[name] = (mean, max(std, _ZMIN_STD_FLOOR * abs(mean)) or 1.0)
+        # Rows are the same bank windows for every backbone (nan where a row was not scored, so
+        # such a row's minimum is nan and RankReference skips it).
+        self.reference = RankReference(self.values(leave_one_out))
+
+    def values(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Minimum over the fitted backbones of the z-normalised raw scores (unbounded)."""
+        z = [(np.asarray(raw[name], dtype=np.float64) - mean) / std for name, (mean, std) in self.stats.items()]
+        with np.errstate(invalid='ignore'):
+            return np.min(np.stack(z), axis=0)
+
+    def rank(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The fused value as a rank in [0, 1] within the bank's own z-min values."""
+        return np.asarray(self.reference.rank(self.values(raw)))
+
+
 def fuse(ranks: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None, rule: str = "mean") -> np.ndarray:
     """Combine per-backbone ranks into one score in [0, 1].
 
     ``mean`` is the weighted mean of ranks (weights need not sum to one); ``max`` takes the
     largest weighted rank, so one backbone that is sure can raise the alarm alone. Backbones
-    with weight 0 are ignored.
+    with weight 0 are ignored. ``zmin`` fuses raw scores, not ranks: use ``ZMin``.
     """
+    if rule == "zmin":
+        raise RankingError("zmin fuses raw scores with the bank's statistics: use ranking.ZMin, not fuse")
     if rule not in RULES:
         raise RankingError(f"fusion rule {rule!r} is not one of {', '.join(RULES)}")
     if not ranks:
