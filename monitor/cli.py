@@ -188,7 +188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _required_config(args, "run")
     if not config.machines:
         raise ConfigError(f"{args.config}: machines: nothing to monitor (add a machine and a source)")
-    check_backbones(config, str(args.config))
+    # Model paths now; loading them is the daemon's first step (loading twice would double the
+    # start-up time and peak memory of a large backbone).
+    check_backbones(config, str(args.config), load=False)
     _set_file_mode(config)
     return run_daemon(Daemon(config, args.config))
 

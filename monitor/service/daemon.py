@@ -103,11 +103,11 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         limit_compute_threads(cfg.runtime.compute_threads)
+        self.models = Detector.from_config(cfg)  # first: a model that will not load leaves nothing behind
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"daemon.state_dir: cannot create {self.state_dir} ({exc.strerror or exc})") from None
-        self.models = Detector.from_config(cfg)
         self.sources = {s.name: make_source(s) for s in cfg.sources}
         if cfg.metrics.enabled:
             try:
