@@ -147,7 +147,7 @@ def stages(records: list) -> dict[str, list[float]]:
     KNN + ranks + fusion, outputs = alert state, MQTT, metrics, event log)."""
     out: dict[str, list[float]] = {}
     for r in records:
-        for stage, seconds in r.stage_seconds.items():
+        for stage, seconds in [*r.stage_seconds.items(), *((f"embed:{n}", s) for n, s in r.inference_seconds.items())]:
             out.setdefault(stage, []).append(seconds)
     return out
 

@@ -57,6 +57,7 @@ class WindowReport:
     score: WindowScore | None = None
     faults: tuple[str, ...] = ()
     stage_seconds: dict[str, float] = field(default_factory=dict)  # sensor, embed, score, outputs
+    inference_seconds: dict[str, float] = field(default_factory=dict)  # per backbone, part of embed
 
 
 WindowListener = Callable[[WindowReport], None]
@@ -144,9 +145,8 @@ class Outputs:
     def window_done(self, report: WindowReport) -> None:
         """Every output for a window is issued: its latency, the outbox depth, listeners."""
         self.telemetry.observe_latency(report.machine, report.done - report.ready)
-        for backbone, seconds in report.stage_seconds.items():
-            if backbone.startswith("embed:"):
-                self.telemetry.observe_inference(backbone.removeprefix("embed:"), seconds)
+        for backbone, seconds in report.inference_seconds.items():
+            self.telemetry.observe_inference(backbone, seconds)
         if self.publisher is not None:
             self.telemetry.set_mqtt_outbox(self.publisher.outbox_depth)
         for listener in self._listeners:

@@ -85,14 +85,14 @@ class Pipeline:
                 self.enrollment.window(machine, start, embeddings, score.fused, report.rms_dbfs)
         clock.lap("outputs")
         done = WindowReport(machine.name, start, end, status, item.ready, began, time.monotonic(),
-                            score if status == "ok" else None, tuple(faults), clock.laps)
+                            score if status == "ok" else None, tuple(faults), clock.laps, clock.inference)
         self.outputs.window_done(done)
         return done
 
     def _embed(self, samples: np.ndarray, rate: int, machine: Machine, clock: _Stopwatch) -> dict[str, np.ndarray]:
         embedded = self.models.embed(Audio(samples, rate, machine.name))
         clock.lap("embed")
-        clock.laps.update({f"embed:{name}": s for name, s in embedded.inference_seconds.items()})
+        clock.inference = embedded.inference_seconds
         return embedded.embeddings
 
     def _judge(self, machine: Machine, scorer: LiveScorer, score: WindowScore, samples: np.ndarray, rate: int,
@@ -136,6 +136,7 @@ class _Stopwatch:
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
+        self.inference: dict[str, float] = {}  # per backbone: its onnxruntime calls within "embed"
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
