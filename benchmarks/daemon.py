@@ -31,19 +31,29 @@ S seconds of audio. The daemon limits numpy's BLAS and faiss's OpenMP to one thr
 (``runtime.compute_threads: 1``, see monitor/service/threads.py; onnxruntime keeps its own pool): with
 the libraries' defaults a machine's bank fit took ~12 s instead of ~0.5 s on this busy machine,
 which made starting 32 machines take minutes (one run measures the daemon with
-``compute_threads: 0``). A run "keeps up" when no window was dropped and every window was processed
-before the next hop's windows arrived: every hop's burst of N windows drained within the hop
-(the last one included), so no backlog is carried from one hop to the next. The queue
-is the default ``daemon.queue_size: 0`` = ``max(8, 2 N)``, which holds the burst of N windows
-that every hop delivers at once; one run measures a queue fixed at 8 (the default before it was
-sized by the machine count), and every run records the deepest queue seen.
+``compute_threads: 0``). A run "keeps up" when no window was dropped, every window of every
+machine was processed (with spread phases machine i's grid starts i x H / N later, so the
+count per machine is computed from its offset) and each was done within the hop of its end,
+before its machine's next window arrived: no backlog is carried from one hop to the next. The
+queue is the default ``daemon.queue_size: 0`` = ``max(8, 2 N)``; one run measures a queue fixed
+at 8 (the default before it was sized by the machine count), and every run records the deepest
+queue seen.
+
+Variants, run side by side on every rung of the ladder (``--variants``; a variant that fails
+to keep up stops climbing): ``after`` is the daemon as shipped (window phases spread over the
+hop, workers chosen from the core count); ``before`` is the same code set as the daemon was
+before phases and workers existed (``window_phase: aligned``, one worker: every window of a
+source arrives at the same instant and waits its turn); ``1x2`` and ``2x1`` compare one worker
+with onnxruntime on two threads against two workers with one thread each. Each run also
+records when every bank was fitted (they are fitted while the first windows are recorded), the
+slowest first window per machine, and the capacity the daemon itself estimates.
 
 Also measured, side by side in one process: onnxruntime on ``monitor/assets/aisfx.onnx`` with
 intra-op threads 1 / 2, a parallel executor with 2 inter-op threads, two worker threads at one
 intra-op thread each, and batches of 1..16 windows per call (what batching the windows of
-several machines into one call would gain).
+several machines into one call would gain; also on the CUDA provider where onnxruntime has one).
 
-    .venv/bin/python benchmarks/daemon.py                   # everything, about 15 min here
+    .venv/bin/python benchmarks/daemon.py                   # everything, about 20 min here
     .venv/bin/python benchmarks/daemon.py --seconds 40 --hop10 1,8 --hop5 '' --no-onnx   # quick
     .venv/bin/python benchmarks/daemon.py --hop10 64 --hop5 24,32 --no-onnx --default-queue-run 0 \
         --as-shipped-run 0 --name daemon_extra               # further up the ladder
@@ -90,6 +100,13 @@ from common import (
 )
 
 RATE = 16000
+# Daemon settings compared side by side (window phase, workers, onnxruntime threads per call).
+VARIANTS = {
+    "after": ("spread", 0, 0),  # as shipped: phases spread over the hop, workers from the core count
+    "before": ("aligned", 1, 0),  # the daemon before: a source's windows all at once, one worker
+    "1x2": ("spread", 1, 2),  # one worker, onnxruntime on 2 threads
+    "2x1": ("spread", 2, 1),  # two workers, 1 thread each
+}
 BANK_WINDOWS = 30
 FIXED_QUEUE = 8  # daemon.queue_size before it was sized by the machine count
 
@@ -171,7 +188,8 @@ def child(args: argparse.Namespace) -> int:
     state = Path(args.state)
     config = Config(
         runtime=RuntimeConfig(threads=args.ort_threads, compute_threads=args.compute_threads),
-        daemon=DaemonConfig(name="bench", state_dir=state, hop_seconds=hop, queue_size=args.queue),
+        daemon=DaemonConfig(name="bench", state_dir=state, hop_seconds=hop, queue_size=args.queue,
+                            window_phase=args.phase, workers=args.workers),
         sources=[SourceConfig(name="mc", type="file", paths=[Path(args.audio)], channels=n, sample_rate=RATE,
                               block_size=160, speed=1.0)],
         machines=[MachineConfig(f"m{i:02d}", "mc", channel=i, bank=Path(args.bank)) for i in range(n)],
@@ -186,12 +204,13 @@ def child(args: argparse.Namespace) -> int:
 
     def counted_put(self, item):
         put(self, item)
-        depth_at_put.append(self.queue.qsize())
+        depth_at_put.append(self.qsize())
 
     WindowQueue.put = counted_put
     daemon = Daemon(config)
     daemon.add_listener(records.append)
     t0, c0 = time.perf_counter(), cpu_seconds()
+    began = time.monotonic()
     daemon.start()
     # The replay stands in for a live microphone: it must not wait for the models, so a full
     # queue drops its oldest window (counted in asd_windows_total{status="dropped"}). The
@@ -205,10 +224,19 @@ def child(args: argparse.Namespace) -> int:
 
     def sample_queue():
         while not stop.wait(0.05):
-            samples.append((time.monotonic(), daemon.windows.queue.qsize()))
+            samples.append((time.monotonic(), daemon.windows.qsize()))
 
     sampler = threading.Thread(target=sample_queue, daemon=True)
     sampler.start()
+    fitted_at = None
+
+    def watch_fits():
+        nonlocal fitted_at
+        for machine in daemon.machines:
+            daemon.banks.wait_fitted(machine)
+        fitted_at = time.monotonic()
+
+    threading.Thread(target=watch_fits, daemon=True).start()
     try:
         daemon.run()
     finally:
@@ -229,25 +257,32 @@ def child(args: argparse.Namespace) -> int:
 
     latencies = [r.done - r.ready for r in records]
     waits = [r.began - r.ready for r in records]
-    # Backlog: windows of one hop still being processed when the next hop's windows arrived.
-    bursts: dict[float, list[tuple[float, float]]] = {}
+    # Backlog: windows still being processed when their machine's next window was ready
+    # (with aligned phases, every machine's: the next hop's burst).
+    by_start: dict[float, list[tuple[float, float]]] = {}
     for r in records:
-        bursts.setdefault(round(r.start, 3), []).append((r.ready, r.done))
-    ordered = sorted(bursts.items())
-    carried = 0
-    for (_s, cur), (_s2, nxt) in zip(ordered, ordered[1:]):
-        next_ready = min(r for r, _d in nxt)
-        carried += sum(1 for _r, d in cur if d > next_ready)
-    last_done_after_burst = [max(d for _r, d in items) - min(r for r, _d in items) for _s, items in ordered]
+        by_start.setdefault(round(r.start, 3), []).append((r.ready, r.done))
+    by_machine: dict[str, list] = {}
+    for r in records:
+        by_machine.setdefault(r.machine, []).append(r)
+    carried = sum(1 for rs in by_machine.values() for a, b in zip(rs, rs[1:]) if a.done > b.ready)
+    # Per group of windows ending together: from the first ready to the last done.
+    last_done_after_burst = [max(d for _r, d in items) - min(r for r, _d in items) for _s, items in sorted(by_start.items())]
     audio_seconds = args.seconds
-    expected_per_machine = int((audio_seconds - 10) // hop) + 1
+    offsets = [i * hop / n if args.phase == "spread" else 0.0 for i in range(n)]
+    expected = sum(int((audio_seconds - offset - 10 + 1e-6) // hop) + 1 for offset in offsets)
+    first_latency = [rs[0].done - rs[0].ready for rs in by_machine.values()]
     result = {
-        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": daemon.windows.queue.maxsize, "ort_threads": args.ort_threads,
-        "compute_threads": args.compute_threads,
-        "expected_windows": expected_per_machine * n, "processed": len(records), "ok": ok, "sensor_fault": faults,
+        "n": n, "hop_s": hop, "audio_s": audio_seconds, "queue_size": daemon.windows.maxsize, "ort_threads": args.ort_threads,
+        "compute_threads": args.compute_threads, "phase": args.phase, "workers": daemon.plan.workers,
+        "onnxruntime_threads": daemon.plan.threads,
+        "expected_windows": expected, "processed": len(records), "ok": ok, "sensor_fault": faults,
         "dropped": dropped, "alerts_raised": alerts, "carried_over": carried,
-        "keeps_up": bool(dropped == 0 and carried == 0 and len(records) == expected_per_machine * n
-                         and max(last_done_after_burst, default=0.0) < hop),
+        "keeps_up": bool(dropped == 0 and carried == 0 and len(records) == expected
+                         and max(latencies, default=0.0) < hop),
+        "degraded_at_end": daemon.overload.degraded, "capacity_machines": daemon.overload.capacity,
+        "first_window_latency_max_s": round(max(first_latency), 3) if first_latency else None,
+        "banks_fitted_after_s": round(fitted_at - began, 2) if fitted_at else None,
         "start_s": round(start_s, 2), "start_cpu_s": round(start_cpu, 2),
         "run_wall_s": round(run_wall, 2), "run_cpu_s": round(run_cpu, 2),
         "cpu_s_per_audio_s_per_stream": round(run_cpu / audio_seconds / n, 4),
@@ -278,7 +313,8 @@ def iso_to_epoch(text: str) -> float:
 
 
 def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Broker | None,
-            queue: int = 0, ort_threads: int = 0, compute_threads: int = 1) -> dict:
+            queue: int = 0, ort_threads: int = 0, compute_threads: int = 1, phase: str = "spread", workers: int = 0,
+            settle: float = 0.0) -> dict:
     audio = write_multichannel(work / f"audio-{n}ch-{seconds}s", n, seconds)
     out = work / f"result-{n}-{hop}-{queue}.json"
     state = work / f"state-{n}-{hop}-{queue}"
@@ -292,7 +328,12 @@ def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Br
     cmd = [sys.executable, __file__, "--child", "--n", str(n), "--hop", str(hop), "--seconds", str(seconds),
            "--audio", str(audio), "--bank", str(bank), "--state", str(state), "--out", str(out),
            "--port", str(broker.port if broker else 0), "--queue", str(queue), "--ort-threads", str(ort_threads),
-           "--compute-threads", str(compute_threads)]
+           "--compute-threads", str(compute_threads), "--phase", phase, "--workers", str(workers)]
+    if settle:  # a quiet box: the previous run's own load has decayed (at most 3 min)
+        deadline = time.monotonic() + 180
+        while os.getloadavg()[0] >= settle and time.monotonic() < deadline:
+            time.sleep(5)
+    load_before = loadavg()
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -304,6 +345,7 @@ def run_one(n: int, hop: float, seconds: int, work: Path, bank: Path, broker: Br
         raise RuntimeError(f"run n={n} hop={hop} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
     result["process_wall_s"] = round(wall, 1)
+    result["loadavg_start"] = load_before
     if broker is not None:
         result["broker_cpu_s"] = round((broker.cpu_seconds() or 0) - (broker_cpu0 or 0), 3)
         arrivals = []
@@ -342,16 +384,17 @@ def onnx_study(rounds: int) -> dict:
     window = resample(machine_sound(5, 10.0)[:, None], RATE, 44100)[:, 0]
     windows = np.stack([np.roll(window, 997 * i) for i in range(16)]).astype(np.float32)
 
-    def session(intra: int, inter: int = 1, parallel: bool = False) -> ort.InferenceSession:
+    def session(intra: int, inter: int = 1, parallel: bool = False, cuda: bool = False) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra
         options.inter_op_num_threads = inter
         options.log_severity_level = 3
         if parallel:
             options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        return ort.InferenceSession(path, options, providers=providers)
 
-    sessions = {"intra 1": session(1), "intra 2": session(2), "intra 0 (daemon default)": session(0),
+    sessions = {"intra 1": session(1), "intra 2": session(2), "intra 0 (onnxruntime's choice)": session(0),
                 "parallel, inter 2, intra 1": session(1, 2, parallel=True)}
     name = sessions["intra 1"].get_inputs()[0].name
     pair = [session(1), session(1)]
@@ -369,7 +412,12 @@ def onnx_study(rounds: int) -> dict:
     # (group, setting, windows per call, function)
     cases = [("threads", label, 1, single(sess, 1)) for label, sess in sessions.items()]
     cases.append(("threads", "2 workers x intra 1", 2, two_workers))
-    for label in ("intra 0 (daemon default)", "intra 1"):
+    batched = ["intra 0 (onnxruntime's choice)", "intra 1"]
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if cuda:  # batching pays on a GPU if anywhere
+        sessions["CUDA"] = session(0, cuda=True)
+        batched.append("CUDA")
+    for label in batched:
         cases += [("batch", label, batch, single(sessions[label], batch)) for batch in (1, 2, 4, 8, 16)]
     peaks: dict[int, float | None] = {}
     for i, (_g, _l, _b, fn) in enumerate(cases):  # warm-up, and the memory peak of each case
@@ -393,6 +441,7 @@ def onnx_study(rounds: int) -> dict:
                            "wall_per_window_ms": round(1e3 * wall / batch, 1),
                            "cpu_per_window_ms": round(1e3 * cpu / batch, 1),
                            "windows_per_s": round(batch / wall, 2), "peak_rss_mb": peaks[i]})
+    out["cuda"] = "measured" if cuda else "not run: this onnxruntime has no CUDA provider (no GPU here)"
     out["loadavg_during"] = [round(x, 2) for x in loads]
     out["loadavg"] = loadavg()
     return out
@@ -404,9 +453,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=50, help="audio per run (multiple of 10)")
     parser.add_argument("--name", default="daemon", help="results file: benchmarks/results/NAME.json")
-    parser.add_argument("--hop10", default="1,2,4,8,16,24,32,48", help="streams to try at hop 10 s, until one fails")
-    parser.add_argument("--hop5", default="1,8,12,16,24", help="streams to try at hop 5 s, until one fails")
+    parser.add_argument("--hop10", default="1,16,48,64", help="machines to try at hop 10 s, until one fails")
+    parser.add_argument("--hop5", default="16,32,48,64", help="machines to try at hop 5 s, until one fails")
+    parser.add_argument("--variants", default="after,before",
+                        help=f"daemon settings to run on each ladder, side by side: {', '.join(VARIANTS)}")
     parser.add_argument("--no-onnx", action="store_true", help="skip the standalone onnxruntime study")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="before each ladder run, wait (up to 3 min) until the 1-minute load is below this")
     parser.add_argument("--onnx-rounds", type=int, default=5, help="interleaved rounds of the onnxruntime study")
     parser.add_argument("--default-queue-run", type=int, default=16,
                         help="also run N machines with queue_size fixed at 8 for 30 s (0: skip)")
@@ -420,8 +473,9 @@ def main() -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name, kind in (("--n", int), ("--hop", float), ("--audio", str), ("--bank", str), ("--state", str),
                        ("--out", str), ("--port", int), ("--queue", int), ("--ort-threads", int),
-                       ("--compute-threads", int)):
+                       ("--compute-threads", int), ("--workers", int)):
         parser.add_argument(name, type=kind, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default="spread", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -430,7 +484,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up broker and files on kill
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="asd-bench-daemon-"))
-    results: dict = {"seconds_per_run": args.seconds, "bank_windows": BANK_WINDOWS, "runs": [], "not_run": []}
+    results: dict = {"seconds_per_run": args.seconds, "bank_windows": BANK_WINDOWS, "runs": [], "not_run": [],
+                     "variants": {v: dict(zip(("phase", "workers", "onnxruntime_threads"), VARIANTS[v]))
+                                  for v in args.variants.split(",") if v}}
+    failed: dict[float, set[str]] = {}
     broker = None
     try:
         with LoadMonitor() as load:
@@ -441,17 +498,21 @@ def main() -> int:
                 results["enroll_s"] = round(enroll_bank(work / "bank", work / "enroll"), 1)
             for hop, ladder in ((10.0, args.hop10), (5.0, args.hop5)):
                 for n in [int(x) for x in ladder.split(",") if x]:
-                    if time.perf_counter() - started > args.budget:  # the short runs below always run
-                        results["not_run"].append(f"hop {hop:g} n={n}: time budget spent")
-                        continue
-                    r = run_one(n, hop, args.seconds, work, work / "bank", broker)
-                    results["runs"].append(r)
-                    print(f"hop {hop:g} n={n}: keeps up {r['keeps_up']}, dropped {r['dropped']}, carried {r['carried_over']}, "
-                          f"latency median {r['latency_median_s']} p99 {r['latency_p99_s']} s, "
-                          f"cpu/stream {r['cpu_s_per_audio_s_per_stream']}, rss {r['peak_rss_mb']} MB, load {loadavg()[0]}",
-                          flush=True)
-                    if not r["keeps_up"]:
-                        break
+                    for variant in [v for v in args.variants.split(",") if v and v not in failed.get(hop, set())]:
+                        if time.perf_counter() - started > args.budget:  # the short runs below always run
+                            results["not_run"].append(f"hop {hop:g} n={n} {variant}: time budget spent")
+                            continue
+                        phase, workers, threads = VARIANTS[variant]
+                        r = run_one(n, hop, args.seconds, work, work / "bank", broker, ort_threads=threads,
+                                    phase=phase, workers=workers, settle=args.settle)
+                        r["variant"] = variant
+                        results["runs"].append(r)
+                        print(f"hop {hop:g} n={n} {variant}: keeps up {r['keeps_up']}, dropped {r['dropped']}, "
+                              f"carried {r['carried_over']}, latency median {r['latency_median_s']} p99 {r['latency_p99_s']} s, "
+                              f"mqtt p99 {r.get('mqtt_latency_p99_s')} s, cpu/stream {r['cpu_s_per_audio_s_per_stream']}, "
+                              f"rss {r['peak_rss_mb']} MB, load {loadavg()[0]}", flush=True)
+                        if not r["keeps_up"]:
+                            failed.setdefault(hop, set()).add(variant)  # higher counts would fail too
             if args.default_queue_run:
                 n = args.default_queue_run
                 r = run_one(n, 10.0, min(args.seconds, 30), work, work / "bank", broker, queue=FIXED_QUEUE)
@@ -487,12 +548,15 @@ def main() -> int:
 
 def report(results: dict) -> None:
     runs = results["runs"]
-    table(["hop s", "N", "keeps up", "windows", "dropped", "carried", "lat med s", "lat p99 s", "mqtt med", "mqtt p99",
-           "queue max", "cpu s/s/stream", "cores", "start s", "peak RSS MB", "load"],
-          [[r["hop_s"], r["n"], r["keeps_up"], f"{r['processed']}/{r['expected_windows']}", r["dropped"], r["carried_over"],
+    table(["hop s", "N", "variant", "workers x threads", "keeps up", "windows", "dropped", "carried", "lat med s", "lat p99 s",
+           "mqtt med", "mqtt p99", "queue max", "cpu s/s/stream", "cores", "start s", "fitted s", "1st win s", "capacity",
+           "peak RSS MB", "load before"],
+          [[r["hop_s"], r["n"], r.get("variant", ""), f"{r.get('workers')} x {r.get('onnxruntime_threads') or 'auto'}",
+            r["keeps_up"], f"{r['processed']}/{r['expected_windows']}", r["dropped"], r["carried_over"],
             r["latency_median_s"], r["latency_p99_s"], r.get("mqtt_latency_median_s"), r.get("mqtt_latency_p99_s"),
-            r["queue_max_at_put"], r["cpu_s_per_audio_s_per_stream"], r["cores_busy"], r["start_s"], r["peak_rss_mb"],
-            r["loadavg_end"][0]] for r in runs],
+            r["queue_max_at_put"], r["cpu_s_per_audio_s_per_stream"], r["cores_busy"], r["start_s"],
+            r.get("banks_fitted_after_s"), r.get("first_window_latency_max_s"), r.get("capacity_machines"), r["peak_rss_mb"],
+            r.get("loadavg_start", [None])[0]] for r in runs],
           title=f"Daemon, aisfx, real-time multichannel file source, {results['seconds_per_run']} s of audio per run "
                 "(latency: window ready -> processed incl. MQTT publish call; mqtt: end of window -> independent subscriber)")
     if runs:

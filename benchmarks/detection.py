@@ -11,13 +11,19 @@ target, pAUC and their harmonic mean.
 
 Backbones here: the two built-in ONNX models, ``aisfx`` (a CNN pre-trained on sound-effect
 libraries) and ``logmel`` (log-mel mean and std, no learning), each with the Mahalanobis
-distance (the default) and the cosine one. The transformer backbones of the method (BEATs,
+distance (the default) and the cosine one. Beside them, aisfx's intermediate blocks (issue 13;
+further outputs of the same graph, ``backbones[].output``): ``aisfx.block2``, ``aisfx.block3``
+and aisfx's embedding concatenated with block 3 (``output: embedding+block3``, each part
+L2-normalised) alone with both distances, and the blocks' rank fusions with aisfx (mean 1:1,
+the rule and weights fixed beforehand). The transformer backbones of the method (BEATs,
 EAT, M2D, Dasheng, MuQ) are exported by ``asd-export`` from their official checkpoints, which
 cannot be downloaded on these machines: with random weights their scores would measure
 nothing, so they are not in this table. Run it with your own exports::
 
     .venv/bin/python benchmarks/detection.py                       # built-ins, a few minutes here
     .venv/bin/python benchmarks/detection.py --backbone eat=/path/eat.onnx --backbone m2d=/path/m2d.onnx
+
+(``--backbone MODEL:OUTPUT`` takes a further output of a model file.)
 
 Results: ``benchmarks/results/detection.json`` and ``detection.png``.
 """
@@ -49,11 +55,17 @@ from monitor.config import (  # noqa: E402  (common puts the repository on sys.p
 )
 from monitor.offline.dataset import scan_dataset  # noqa: E402
 from monitor.offline.dcase import (  # noqa: E402
+    BOOTSTRAP_LEVEL,
     BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    DEFAULT_MAX_FPR,
     Figures,
     bootstrap_intervals,
+    bootstrap_weights,
     machine_figures,
     official_score,
+    percentile_interval,
+    resampled_figures,
 )
 from monitor.offline.evaluate import FUSED, evaluate_machine  # noqa: E402
 from monitor.scoring.detector import Detector  # noqa: E402
@@ -70,6 +82,11 @@ DEFAULT_SYSTEM = "aisfx mahalanobis"
 # without and with density normalisation (issue 13).
 DENSITY = (("aisfx", "mahalanobis"), ("aisfx", "cosine"), ("logmel", "mahalanobis"))
 ZMIN_PAIRS = ((("aisfx", "mahalanobis"), ("logmel", "cosine")), (("aisfx", "mahalanobis"), ("logmel", "mahalanobis")))
+# aisfx's intermediate blocks (graph outputs beside its embedding) and its embedding
+# concatenated with block 3, measured alone with both metrics; the blocks' rank fusions with
+# aisfx (all Mahalanobis, mean 1:1).
+LAYERS = ("aisfx:block2", "aisfx:block3", "aisfx:embedding+block3")
+LAYER_FUSIONS = (("aisfx", "aisfx.block3"), ("aisfx", "aisfx.block2"), ("aisfx", "aisfx.block2", "aisfx.block3"))
 
 
 @dataclass
@@ -81,19 +98,42 @@ class System:
     figures: Figures
 
 
+def backbone_config(spec: str, metric: str) -> BackboneConfig:
+    """``MODEL`` or ``MODEL:OUTPUT`` (a further output of the model file) -> its config entry."""
+    model, _, output = spec.partition(":")
+    return BackboneConfig(model, metric=metric, output=output or None)
+
+
 def single_systems(model: str, machine: str, clips) -> tuple[list[System], list[str], list[bool]]:
-    """One evaluate run per metric of ``model`` on one machine's clips."""
+    """One evaluate run per metric of ``model`` (``MODEL[:OUTPUT]``) on one machine's clips,
+    each labelled with the backbone's name and the metric."""
     out = []
     domains = labels = None
     for metric in METRICS:
-        detector = Detector.from_config(Config(backbones=[BackboneConfig(model, metric=metric)]))
+        detector = Detector.from_config(Config(backbones=[backbone_config(model, metric)]))
         result = evaluate_machine(detector, machine, clips, lambda _n: None)
         (name,) = result.raw
         test = result.clips
         domains, labels = [c.domain for c in test], [c.is_anomaly for c in test]
-        label = f"{Path(model).stem if model.endswith('.onnx') else model} {metric}"
+        # A file's stem (two exports of one model differ there), a further output's backbone name.
+        label = f"{name if ':' in model else Path(model).stem if model.endswith('.onnx') else model} {metric}"
         out.append(System(label, result.raw[name], result.figures[name]))
     return out, domains, labels
+
+
+def layer_systems(singles: list[System], machine: str, clips, domains: list[str], labels: list[bool]) -> list[System]:
+    """aisfx's intermediate blocks and its embedding concatenated with block 3, alone (both
+    metrics), and the blocks' rank fusions with aisfx (all Mahalanobis, mean 1:1: what
+    ``evaluate`` gives for a config listing them)."""
+    out = []
+    for spec in LAYERS:
+        out += single_systems(spec, machine, clips)[0]
+    by_name = {s.name: s for s in singles + out}
+    for members in LAYER_FUSIONS:
+        names = [f"{m} mahalanobis" for m in members]
+        fused = fuse({n: self_rank(by_name[n].scores) for n in names}, dict.fromkeys(names, 1.0), "mean")
+        out.append(System(" + ".join(names) + ", mean 1:1", fused, machine_figures(domains, labels, fused)))
+    return out
 
 
 def normalised_systems(models: list[str], machine: str, clips) -> list[System]:
@@ -132,11 +172,33 @@ def fused_systems(singles: list[System], domains: list[str], labels: list[bool])
     return out
 
 
+def figure_differences(clips_of: dict[str, tuple[list[str], list[bool]]], scores: dict[str, dict[str, np.ndarray]],
+                       reference: str, resamples: int) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per system and machine, the 95 % interval of AUC source, AUC target and pAUC minus the
+    reference's, paired on the resamples ``bootstrap_intervals`` draws (same seed and order),
+    so that each figure's change is read apart from the official score's."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    weights = {m: bootstrap_weights(d, y, resamples, rng) for m, (d, y) in clips_of.items()}
+
+    def figures(system: str, machine: str) -> dict[str, np.ndarray]:
+        domains, labels = clips_of[machine]
+        return resampled_figures(domains, labels, scores[system][machine], weights[machine], DEFAULT_MAX_FPR)
+
+    def intervals(system: str, machine: str, base: dict[str, np.ndarray]) -> dict[str, list[float]]:
+        values = figures(system, machine)
+        return {name: list(percentile_interval(values[name] - base[name], BOOTSTRAP_LEVEL))
+                for name in ("auc_source", "auc_target", "pauc")}
+
+    bases = {m: figures(reference, m) for m in clips_of}
+    return {system: {m: intervals(system, m, bases[m]) for m in clips_of} for system in scores}
+
+
 def evaluate_set(root: Path, models: list[str], resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, dict]:
     """Per system: the official figures of every machine and the set's overall score, and with
     ``resamples`` > 0 the 95 % bootstrap interval of that score and of its difference to
     ``DEFAULT_SYSTEM`` (paired: every system scored on the same resampled clips, so what the
-    test clips do to both cancels in the difference)."""
+    test clips do to both cancels in the difference), and per machine those of each figure and
+    of each figure's difference to the default."""
     per_system: dict[str, dict] = {}
     clips_of: dict[str, tuple[list[str], list[bool]]] = {}
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -147,6 +209,8 @@ def evaluate_set(root: Path, models: list[str], resamples: int = BOOTSTRAP_RESAM
             singles += systems
         clips_of[machine] = (domains, labels)
         extra = normalised_systems(models, machine, clips)
+        if "aisfx" in models:
+            extra += layer_systems(singles, machine, clips, domains, labels)
         for system in singles + fused_systems(singles, domains, labels) + extra:
             entry = per_system.setdefault(system.name, {"machines": {}, "figures": []})
             entry["machines"][machine] = system.figures.to_dict()
@@ -158,6 +222,7 @@ def evaluate_set(root: Path, models: list[str], resamples: int = BOOTSTRAP_RESAM
         reference = DEFAULT_SYSTEM if DEFAULT_SYSTEM in scores else None
         began = time.perf_counter()
         boot = bootstrap_intervals(clips_of, scores, reference=reference, n_resamples=resamples)
+        differences = figure_differences(clips_of, scores, reference, resamples) if reference is not None else {}
         took = time.perf_counter() - began
         print(f"{root.name}: bootstrap of {len(scores)} systems x {resamples} resamples in {took:.2f} s", flush=True)
         for name, entry in per_system.items():
@@ -166,22 +231,25 @@ def evaluate_set(root: Path, models: list[str], resamples: int = BOOTSTRAP_RESAM
                 entry["difference_to_default_95"] = boot["differences"][name]["official"]
             for machine, intervals in boot["machines"].items():
                 entry["machines"][machine]["intervals_95"] = intervals[name]
+                if name in differences:
+                    entry["machines"][machine]["difference_to_default_95"] = differences[name][machine]
     return per_system
 
 
-def plot(results: dict[str, dict[str, dict]], path: Path, top: int = 12) -> None:
-    """Horizontal bars of the official score: the single systems and the best fusions."""
+def plot(results: dict[str, dict[str, dict]], path: Path, fusions: int = 8) -> None:
+    """Horizontal bars of the official score: the single systems and the ``fusions`` best fusions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sets = list(results)
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 0.32 * top + 1.8), squeeze=False)
+    rows = max(sum("+" not in s for s in systems) for systems in results.values()) + fusions
+    fig, axes = plt.subplots(1, len(sets), figsize=(10 * len(sets), 0.3 * rows + 1.8), squeeze=False)
     for ax, name in zip(axes[0], sets):
         systems = results[name]
         singles = [s for s in systems if "+" not in s]
-        fused = sorted((s for s in systems if "+" in s), key=lambda s: -systems[s]["official"])[:top - len(singles)]
+        fused = sorted((s for s in systems if "+" in s), key=lambda s: -systems[s]["official"])[:fusions]
         chosen = sorted(singles + fused, key=lambda s: systems[s]["official"])
         values = [systems[s]["official"] for s in chosen]
         intervals = [systems[s].get("official_95") or [v, v] for s, v in zip(chosen, values)]

@@ -5,11 +5,18 @@ HTK bands normalised to unit sum, n_fft 2048, hop 1024, ``log10(S * 1e4 + 1)``, 
 with (0, 9.4578), blocks of 100 frames (~2.3 s) with hop 50, a 4-block VGG-style CNN with
 64/128/256/512 channels, frequency mean then time max, 512-d per block. The clip embedding is
 the mean over blocks.
+
+The export also carries intermediate conv blocks as further graph outputs (``EXTRA_OUTPUTS``),
+pooled the same way: the final pooled layer smooths away some of the fine spectral texture a
+machine's sound has, which the earlier blocks still hold (issue 13). They come out of the same
+pass, so one inference per window yields them all; the runtime reads them from the graph's
+outputs (names and dims), and the first output stays the embedding it always was.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +34,10 @@ SPEC_MAX = 9.457798957824707
 BLOCK_FRAMES = 100
 BLOCK_HOP = 50
 EMBEDDING_DIM = 512
+# Intermediate blocks exported beside the final embedding: graph output name -> conv block (1-4);
+# blocks 2 and 3 (128-d, 256-d), the ones issue 13 names.
+EXTRA_OUTPUTS = {"block2": 2, "block3": 3}
+FINAL_BLOCK = 4
 # One block needs 100 centred frames, i.e. 99 hops of audio (2.30 s); shorter inputs have no block.
 MIN_SECONDS = 2.5
 LICENCE = "aisfx: code MIT, weights CC BY 4.0 (A. B. Ma and A. Lerch, ISMIR 2022; PyPI package aisfx)"
@@ -61,39 +72,55 @@ class AisfxCnn(nn.Module):
         self.conv_block3 = ConvBlock(width * 2, width * 4, (2, 2))
         self.conv_block4 = ConvBlock(width * 4, width * 8, (1, 1))
 
-    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+    def pooled(self, blocks: torch.Tensor, which: Sequence[int] = (FINAL_BLOCK,)) -> list[torch.Tensor]:
+        """The output of each conv block in ``which`` (1-4), mean over frequency and max over
+        time, in the order asked: [N, channels of that block] each, all from one pass."""
         x = blocks.unsqueeze(1)
-        for block in (self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4):
+        pooled: dict[int, torch.Tensor] = {}
+        for index, block in enumerate((self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4), 1):
             x = block(x)
-        return x.mean(dim=3).amax(dim=2)
+            if index in which:
+                pooled[index] = x.mean(dim=3).amax(dim=2)
+        return [pooled[index] for index in which]
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        return self.pooled(blocks)[0]
 
 
 class AisfxBackbone(nn.Module):
-    """Waveform [B, T] at 44.1 kHz -> embedding [B, 512].
+    """Waveform [B, T] at 44.1 kHz -> embedding [B, 512], followed by one [B, D] tensor per name
+    in ``extra_outputs`` (keys of ``EXTRA_OUTPUTS``) when there are any.
 
     ``peak_normalise`` reproduces the package's librosa path (divide by max |x|). It throws
     away the level, which a fault can change, so it is a switch rather than a given.
     """
 
-    def __init__(self, cnn: AisfxCnn, peak_normalise: bool) -> None:
+    def __init__(self, cnn: AisfxCnn, peak_normalise: bool, extra_outputs: Sequence[str] = ()) -> None:
         super().__init__()
+        unknown = sorted(set(extra_outputs) - set(EXTRA_OUTPUTS))
+        if unknown:
+            raise ValueError(f"aisfx has no output(s) {', '.join(unknown)} (known: {', '.join(EXTRA_OUTPUTS)})")
         self.mel = PowerMel(SAMPLE_RATE, N_FFT, HOP, N_MELS, 0.0, SAMPLE_RATE / 2, unit_sum=True)
         self.cnn = cnn
         self.peak_normalise = peak_normalise
+        self.extra_outputs = tuple(extra_outputs)  # read by export_backbone: the graph's further outputs
 
-    def block_embeddings(self, waveform: torch.Tensor) -> torch.Tensor:
-        """[B, T] -> [B, blocks, 512]; a partial last block is dropped, as the package does."""
+    def block_embeddings(self, waveform: torch.Tensor) -> list[torch.Tensor]:
+        """[B, T] -> [B, blocks, D] per output (the final block first); a partial last block is
+        dropped, as the package does."""
         if self.peak_normalise:
             peak = waveform.abs().amax(dim=-1, keepdim=True)
             waveform = waveform / torch.where(peak > 0, peak, torch.ones_like(peak))
         spec = torch.log10(self.mel(waveform) * 1e4 + 1.0) / SPEC_MAX
         blocks = spec.unfold(1, BLOCK_FRAMES, BLOCK_HOP).transpose(2, 3)  # [B, nb, 100, 96]
         batch, n_blocks = blocks.shape[0], blocks.shape[1]
-        emb = self.cnn(blocks.reshape(batch * n_blocks, BLOCK_FRAMES, N_MELS))
-        return emb.reshape(batch, n_blocks, -1)
+        which = (FINAL_BLOCK, *(EXTRA_OUTPUTS[name] for name in self.extra_outputs))
+        pooled = self.cnn.pooled(blocks.reshape(batch * n_blocks, BLOCK_FRAMES, N_MELS), which)
+        return [emb.reshape(batch, n_blocks, -1) for emb in pooled]
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.block_embeddings(waveform).mean(dim=1)
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        clip = [per_block.mean(dim=1) for per_block in self.block_embeddings(waveform)]
+        return tuple(clip) if self.extra_outputs else clip[0]
 
 
 def packaged_checkpoint() -> Path:

@@ -49,7 +49,9 @@ def _build_aisfx(args: argparse.Namespace) -> tuple[torch.nn.Module, BackboneMet
         f"blocks {aisfx.BLOCK_FRAMES} hop {aisfx.BLOCK_HOP}; CNN mean over blocks"
     )
     cnn = aisfx.AisfxCnn() if args.random_init else aisfx.load_cnn(args.checkpoint)
-    module = aisfx.AisfxBackbone(cnn.eval(), peak_normalise)
+    # The extra outputs leave the frontend string, and with it model_id, as before: the first
+    # output is the same embedding, so banks enrolled with an earlier export stay valid.
+    module = aisfx.AisfxBackbone(cnn.eval(), peak_normalise, extra_outputs=tuple(aisfx.EXTRA_OUTPUTS))
     meta = metadata("aisfx", aisfx.SAMPLE_RATE, aisfx.EMBEDDING_DIM, frontend, aisfx.LICENCE, aisfx.MIN_SECONDS)
     return module, meta
 

@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monitor import __version__
 from monitor.audio.files import find_audio
@@ -26,15 +27,20 @@ from monitor.errors import (
     EXIT_FAILURE,
     AsdError,
     BankError,
+    CommandError,
     ConfigError,
     UsageError,
 )
 from monitor.offline.dcase import BOOTSTRAP_RESAMPLES
 from monitor.outputs.fanout import WINDOWS_LOG
+from monitor.outputs.messages import VERDICTS
 from monitor.scoring.backbone import builtin_names, check_backbones
 from monitor.scoring.detector import Detector
 from monitor.scoring.idle import NOISE_CONDITION
 from monitor.scoring.recording import score_recording
+
+if TYPE_CHECKING:
+    from monitor.review.verdicts import Alert, ReviewLog
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +239,83 @@ def cmd_enroll_live(args: argparse.Namespace) -> int:
     return 0 if reply.get("ok") else EXIT_DATA
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    """Answer an alert by its event id (``monitor/review/``), or list the alerts to answer.
+
+    With a daemon listening on its control socket the verdict goes through it (one writer of
+    the event log; its metrics and MQTT hear of it). Without one it is applied here; the
+    review event is then written to the event log only when the config has the control socket
+    (so no daemon can be writing it), else the verdict is in ``reviews.jsonl`` alone."""
+    from monitor.review.apply import Reviewer
+    from monitor.review.verdicts import (
+        ReviewLog,
+        check_verdict,
+        describe,
+        events_path,
+        find_alert,
+        read_alerts,
+    )
+
+    config = _required_config(args, "review")
+    if args.target == "list":
+        if args.verdict is not None or args.condition is not None or args.note is not None:
+            raise UsageError("review list takes no verdict, --condition or --note")
+        return _list_reviews(read_alerts(events_path(config)), ReviewLog(config.daemon.resolved_state_dir()), args.all)
+    if args.all:
+        raise UsageError("--all goes with: review list")
+    if args.verdict not in VERDICTS:
+        raise UsageError(f"review EVENT_ID needs a verdict: one of {', '.join(VERDICTS)}")
+    _set_file_mode(config)
+    verdict = check_verdict(args.target, args.verdict, args.condition, args.note, config.enrollment)
+    alert = find_alert(events_path(config), verdict.event_id)  # the machine it is for; unknown ids end here
+    state_dir = config.daemon.resolved_state_dir()
+    if config.enrollment.control_socket:
+        from monitor.service.control import request
+
+        fields = {"event_id": verdict.event_id, "verdict": verdict.verdict, "condition": verdict.condition,
+                  "note": verdict.note}
+        try:
+            reply = request(state_dir / "control.sock", alert.machine, fields, timeout=120.0, command="review")
+        except ConnectionError:
+            reply = None
+            log.info("no daemon answers on %s: applying the verdict here", state_dir / "control.sock")
+        if reply is not None:
+            if not reply.get("ok"):
+                raise CommandError(str(reply.get("error", "refused by the daemon")))
+            print(describe(reply))
+            return 0
+    applied = Reviewer(config, lambda: Detector.from_config(config)).apply(verdict, "cli")
+    record = applied.record
+    if config.enrollment.control_socket:
+        from monitor.outputs.events import EventLog
+
+        with EventLog(events_path(config)) as events:
+            events.write("review", machine=record.machine, event_id=record.event_id, verdict=record.verdict,
+                         condition=record.condition, note=record.note, who=record.who, version=record.version)
+    print(describe(applied.reply()))
+    return 0
+
+
+def _list_reviews(alerts: list[Alert], reviews: ReviewLog, show_all: bool) -> int:
+    """One line per alert not yet answered (``--all``: every alert, with its verdict)."""
+    given = {r.event_id: r for r in reviews.records()}
+    rows = [(a, given.get(a.event_id)) for a in alerts if show_all or a.event_id not in given]
+    if not rows:
+        print("no alerts to review" if not show_all else "no alerts")
+        return 0
+    header = ["event_id", "machine", "start", "fused", "clip", *(["verdict"] if show_all else [])]
+    table = [header] + [
+        [a.event_id, a.machine, a.start, "" if a.fused_rank is None else f"{a.fused_rank:.3f}",
+         a.clip or f"(none: {a.clip_error})" if a.clip_error else a.clip or "(none)",
+         *([f"{r.verdict} ({r.who}, {r.time}{', bank ' + r.version if r.version else ''})" if r else "-"]
+           if show_all else [])]
+        for a, r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """What ``run`` checks before it starts, starting nothing. Without onnxruntime (a plain
     install) the model files are looked for but not opened, and the answer says so."""
@@ -241,7 +324,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     check_backbones(config, str(args.file), load=loadable)
     unchecked = "" if loadable else "; models not opened: onnxruntime is not installed"
     print(f"{args.file}: ok ({len(config.machines)} machine(s), {len(config.sources)} source(s), "
-          f"backbones {', '.join(b.model for b in config.backbones)}{unchecked})")
+          f"backbones {', '.join(b.key for b in config.backbones)}{unchecked})")
     return 0
 
 
@@ -426,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", default=DEFAULT_CONDITION,
                    help=f"operating condition (default: {DEFAULT_CONDITION}; {NOISE_CONDITION}: the machine is stopped, enroll the site's noise)")
     p.set_defaults(func=cmd_enroll_live)
+
+    p = sub.add_parser("review", parents=[common], usage="%(prog)s [-c CONFIG] EVENT_ID {normal,fault,unsure} "
+                       "[--condition NAME] [--note TEXT] | list [--all]",
+                       help="answer an alert: normal (false alarm, enrolled), fault (confirmed, kept) or unsure; "
+                            "or list the alerts to answer")
+    p.add_argument("target", metavar="EVENT_ID|list", help="the alert's event id, or 'list'")
+    p.add_argument("verdict", nargs="?", metavar="VERDICT", help=f"one of {', '.join(VERDICTS)}")
+    p.add_argument("--condition", help="operating condition a false alarm's clip is enrolled under (default: default)")
+    p.add_argument("--note", help="a word on the verdict, kept with it")
+    p.add_argument("--all", action="store_true", help="with list: every alert, with its verdict")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")
     p.set_defaults(func=cmd_run)

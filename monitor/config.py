@@ -33,6 +33,7 @@ FusionRule = Literal["mean", "max", "zmin"]  # how backbones' scores combine
 Normalisation = Literal["none", "density"]  # KNN distance as is, or in units of the local spread
 Provider = Literal["auto", "cpu", "cuda"]  # onnxruntime execution provider
 AlertRule = Literal["n_of_m", "cusum"]  # what raises an alert (also named in its payload)
+WindowPhase = Literal["spread", "aligned"]  # machines' windows end at staggered instants, or together
 
 
 def _range(minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False) -> dict:
@@ -41,12 +42,27 @@ def _range(minimum: float | None = None, maximum: float | None = None, exclusive
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """One backbone: a built-in name (``aisfx``, ``logmel``) or a path to an exported .onnx."""
+    """One backbone: a built-in name (``aisfx``, ``logmel``) or a path to an exported .onnx.
+
+    ``output`` takes a further embedding the model file carries instead of its first one (the
+    built-in aisfx: ``block2``, ``block3``, its intermediate conv blocks, time-pooled); the
+    backbone is then named ``<model name>.<output>`` (``aisfx.block3``). Outputs joined by ``+``
+    are concatenated, each L2-normalised (``embedding+block3``: aisfx's own embedding and its
+    block 3, named ``aisfx.embedding-block3``). Entries naming the same file share one
+    inference per window. Which outputs exist is checked when the model is opened
+    (``check-config``, start): a name the file lacks is a config error listing them.
+    """
 
     model: str
     weight: float = field(default=1.0, metadata=_range(0.0))
     # Overrides scoring.metric for this backbone (a DSP feature may want cosine, a CNN mahalanobis).
     metric: Metric | None = None
+    output: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What must be unique among the backbones: the model, and the output when one is named."""
+        return self.model if self.output is None else f"{self.model} output {self.output}"
 
 
 @dataclass(frozen=True)
@@ -239,6 +255,13 @@ class DaemonConfig:
     # Windows waiting for the scorer; 0 = max(8, 2 x machines): every hop delivers one window
     # per machine at once, so a fixed small queue drops windows on a box with many machines.
     queue_size: int = field(default=0, metadata=_range(0))
+    # spread: machine i of N ends its windows i x hop / N after machine 0, so the windows of
+    # many machines reach the workers one by one rather than in one burst per hop (latency is
+    # then one window's processing, not N); aligned: every window of a source ends together.
+    window_phase: WindowPhase = "spread"
+    # Threads that score windows (0 = chosen from the core count, see
+    # monitor/service/capacity.py); each machine's windows stay in order whatever the number.
+    workers: int = field(default=0, metadata=_range(0))
     event_log: Path | None = None  # default: <state_dir>/events.jsonl
     # Who may read what the daemon and the enroll commands write (events, outbox, clips, banks):
     # the owner only (umask 077, as the systemd unit's UMask=0077), or its group too (027).
@@ -260,6 +283,8 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     provider: Provider = "auto"
+    # onnxruntime intra-op threads per call; 0: in the daemon, cores / workers (one per call
+    # with the default workers, see monitor/service/capacity.py), elsewhere onnxruntime's choice.
     threads: int = field(default=0, metadata=_range(0))
     # numpy BLAS and faiss OpenMP threads in every daemon thread (0 = the libraries' default);
     # one is measured fastest for one window at a time (see monitor/service/threads.py).
@@ -348,7 +373,7 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
 def _check_config(config: Config, source: str) -> None:
     if not config.backbones:
         raise ConfigError(f"{source}: backbones: at least one backbone is required")
-    _check_unique(source, "backbones", [b.model for b in config.backbones])
+    _check_unique(source, "backbones", [b.key for b in config.backbones])
     if all(b.weight == 0 for b in config.backbones):
         raise ConfigError(f"{source}: backbones: every weight is 0, nothing would be scored")
     alerts = config.alerts

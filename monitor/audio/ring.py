@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,8 +139,9 @@ class RingBuffer:
         with self.condition:
             return self.condition.wait_for(lambda: self._written >= frames_written, timeout)
 
-    def read(self, start: int, frames: int) -> np.ndarray | None:
-        """A copy of frames [start, start + frames), or None when any of them is no longer held.
+    def read(self, start: int, frames: int, channel: int | None = None) -> np.ndarray | None:
+        """A copy of frames [start, start + frames) of every channel, or of ``channel`` alone
+        ([frames, 1]), or None when any of them is no longer held.
 
         The check is repeated after the copy against the writer's announced region, because the
         writer does not wait for readers.
@@ -149,11 +151,12 @@ class RingBuffer:
                 raise ValueError(f"frames [{start}, {start + frames}) are not available (written {self._written}, capacity {self.capacity})")
             if start < self._writing_end - self.capacity:
                 return None
-        out = np.empty((frames, self.channels), dtype=np.float32)
+        columns = slice(None) if channel is None else slice(channel, channel + 1)
+        out = np.empty((frames, self.channels if channel is None else 1), dtype=np.float32)
         offset = start % self.capacity
         first = min(frames, self.capacity - offset)
-        out[:first] = self._data[offset : offset + first]
-        out[first:] = self._data[: frames - first]
+        out[:first] = self._data[offset : offset + first, columns]
+        out[first:] = self._data[: frames - first, columns]
         with self.condition:
             if start < self._writing_end - self.capacity:
                 return None
@@ -178,55 +181,86 @@ class RingBuffer:
 @dataclass(frozen=True)
 class Window:
     """``samples`` [window, channels] starting at absolute frame ``start_frame``, captured at
-    ``start_time`` (epoch seconds of its first frame)."""
+    ``start_time`` (epoch seconds of its first frame), cut for ``Lane`` number ``lane``; a lane
+    of one channel gives [window, 1]."""
 
     start_frame: int
     samples: np.ndarray
     start_time: float
+    lane: int = 0
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One phase of the window grid: its windows start at ``offset`` + k x hop frames and hold
+    ``channel`` alone (None: every channel)."""
+
+    offset: int = 0
+    channel: int | None = None
 
 
 class Windower:
-    """Cuts the ring's stream into windows of ``window_frames`` every ``hop_frames``.
+    """Cuts the ring's stream into windows of ``window_frames`` every ``hop_frames``, on one or
+    more ``lanes`` (phases of the grid), handing out the window that ends first next.
 
-    It is the ring's consumer: it releases audio as it advances, so overruns measure how far it
-    fell behind. It starts at the oldest frame the ring holds when it is made.
+    Several lanes spread the windows of the machines on one source over the hop, so the
+    scorer gets them one by one instead of all at the same instant. It is the ring's consumer:
+    it releases the audio no lane needs any more, so overruns measure how far the slowest lane
+    fell behind. Lane offsets count from the oldest frame the ring holds when it is made.
     """
 
-    def __init__(self, ring: RingBuffer, window_frames: int, hop_frames: int) -> None:
+    def __init__(self, ring: RingBuffer, window_frames: int, hop_frames: int, lanes: Sequence[Lane] = (Lane(),)) -> None:
         if window_frames < 1 or hop_frames < 1:
             raise ValueError(f"window_frames and hop_frames must be >= 1, got {window_frames} and {hop_frames}")
-        if window_frames > ring.capacity:
-            raise ValueError(f"a window of {window_frames} frames does not fit a ring of {ring.capacity}")
+        if not lanes or min(lane.offset for lane in lanes) < 0:
+            raise ValueError(f"lanes need offsets >= 0, got {[lane.offset for lane in lanes]}")
+        reach = window_frames + max(lane.offset for lane in lanes)
+        if reach > ring.capacity:
+            raise ValueError(f"a window of {window_frames} frames at offsets up to {reach - window_frames} "
+                             f"does not fit a ring of {ring.capacity}")
         self.ring = ring
         self.window_frames = window_frames
         self.hop_frames = hop_frames
-        self.next_start = ring.oldest_frame
-        self.skipped_windows = 0
+        self.lanes = tuple(lanes)
+        first = ring.oldest_frame
+        self._next = [first + lane.offset for lane in self.lanes]
+        self.skipped = [0] * len(self.lanes)  # windows lost per lane
         ring.release(self.next_start)
+
+    @property
+    def next_start(self) -> int:
+        """The first frame of the earliest window still to cut (on any lane)."""
+        return min(self._next)
+
+    @property
+    def skipped_windows(self) -> int:
+        return sum(self.skipped)
 
     def next_window(self, timeout: float) -> Window | None:
         """The next window, waiting up to ``timeout`` seconds for its audio; None on timeout.
 
-        When its audio was overwritten, skips forward along the hop grid to the oldest window
-        still complete in the ring, counting the windows lost.
+        When its audio was overwritten, its lane skips forward along the hop grid to the oldest
+        window still complete in the ring, counting the windows lost.
         """
         deadline = time.monotonic() + timeout
         while True:
-            start = self.next_start
+            lane = self._next.index(self.next_start)
+            start = self._next[lane]
             if not self.ring.wait_for_frames(start + self.window_frames, max(0.0, deadline - time.monotonic())):
                 return None
-            samples = self.ring.read(start, self.window_frames)
+            samples = self.ring.read(start, self.window_frames, self.lanes[lane].channel)
             if samples is not None:
-                window = Window(start, samples, self.ring.time_of(start))
-                self.next_start = start + self.hop_frames
+                window = Window(start, samples, self.ring.time_of(start), lane)
+                self._next[lane] = start + self.hop_frames
                 self.ring.release(self.next_start)
                 return window
-            self._skip_forward()
+            self._skip_forward(lane)
 
-    def _skip_forward(self) -> None:
+    def _skip_forward(self, lane: int) -> None:
         oldest = self.ring.oldest_frame
-        skip = max(1, math.ceil((oldest - self.next_start) / self.hop_frames))
-        self.skipped_windows += skip
-        self.next_start += skip * self.hop_frames
-        log.warning("consumer fell behind the audio: skipped %d window(s), resuming at frame %d", skip, self.next_start)
+        skip = max(1, math.ceil((oldest - self._next[lane]) / self.hop_frames))
+        self.skipped[lane] += skip
+        self._next[lane] += skip * self.hop_frames
+        log.warning("consumer fell behind the audio: skipped %d window(s) of lane %d, resuming at frame %d",
+                    skip, lane, self._next[lane])
         self.ring.release(self.next_start)

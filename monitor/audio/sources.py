@@ -415,8 +415,8 @@ def _file_channels(path: Path) -> int:
         raise AudioError(f"{path}: cannot read audio ({exc})") from None
 
 
-def make_source(config: SourceConfig) -> AudioSource:
-    """The source for ``config.type``."""
+def make_source(config: SourceConfig, ring_seconds: float = 60.0) -> AudioSource:
+    """The source for ``config.type``, holding ``ring_seconds`` of audio."""
     if config.type == "microphone":
-        return MicrophoneSource(config)
-    return FileSource(config)
+        return MicrophoneSource(config, ring_seconds)
+    return FileSource(config, ring_seconds)

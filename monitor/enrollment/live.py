@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from monitor.errors import CommandError
 from monitor.scoring.idle import NOISE_CONDITION
 
 ACTIONS = ("start", "stop", "cancel", "status")
-_CONDITION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+CONDITION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_DURATION_S = 7 * 24 * 3600.0
 
 
@@ -40,17 +41,24 @@ class Command:
     request_id: str | None = None
 
 
-def parse_command(payload: bytes | str, config: EnrollmentConfig) -> Command:
-    """Validate a command payload completely before anything is changed."""
+def command_object(payload: bytes | str, fields: Iterable[str]) -> dict[str, Any]:
+    """A command's payload as a JSON object holding none but ``fields`` (every command of the
+    daemon is read this way: a typo in a field name is refused, not ignored)."""
     try:
         data = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CommandError(f"malformed JSON ({exc})") from None
     if not isinstance(data, dict):
         raise CommandError("expected a JSON object")
-    unknown = sorted(set(data) - {"action", "duration_s", "condition", "request_id", "token"})
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise CommandError(f"unknown field {unknown[0]!r}")
+    return data
+
+
+def parse_command(payload: bytes | str, config: EnrollmentConfig) -> Command:
+    """Validate a command payload completely before anything is changed."""
+    data = command_object(payload, ("action", "duration_s", "condition", "request_id", "token"))
     action = data.get("action")
     if action not in ACTIONS:
         raise CommandError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
@@ -63,7 +71,7 @@ def parse_command(payload: bytes | str, config: EnrollmentConfig) -> Command:
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration <= MAX_DURATION_S:
         raise CommandError(f"duration_s must be a number of seconds in (0, {MAX_DURATION_S:g}], got {duration!r}")
     condition = data.get("condition", DEFAULT_CONDITION)
-    if not isinstance(condition, str) or not _CONDITION_RE.fullmatch(condition):
+    if not isinstance(condition, str) or not CONDITION_RE.fullmatch(condition):
         raise CommandError(f"condition must be a short name of letters, digits, '_', '.', '-', got {condition!r}")
     if config.conditions and condition not in (*config.conditions, NOISE_CONDITION):
         raise CommandError(f"unknown condition {condition!r} (configured: {', '.join(config.conditions)})")

@@ -10,6 +10,7 @@ instead of the daemon's insides.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from monitor.outputs.messages import (
     AlertEvent,
     AlertType,
     BackboneScore,
+    HealthMessage,
     MachineState,
+    ReviewMessage,
     ScoreMessage,
     StateMessage,
     Topics,
@@ -77,6 +80,8 @@ class Outputs:
         self.clips = clips
         self.publisher = publisher
         self._listeners: list[WindowListener] = []
+        self.dropped_windows = 0  # since start, every machine (the daemon's overload check reads it)
+        self._drop_lock = threading.Lock()  # windowers and workers drop from their own threads
         if publisher is not None:
             publisher.on_published = telemetry.mqtt_published
             publisher.on_connection_change = self._mqtt_connection
@@ -138,6 +143,8 @@ class Outputs:
 
     def dropped(self, machine: str, start: float | None = None) -> None:
         """A window lost unscored because processing fell behind the audio."""
+        with self._drop_lock:
+            self.dropped_windows += 1
         self.telemetry.window(machine, "dropped")
         if start is not None:
             log.warning("%s: processing fell behind, dropped the window at %s", machine, iso_time(start))
@@ -163,7 +170,7 @@ class Outputs:
             try:
                 saved = self.clips.save(machine, end - len(samples) / rate, samples, rate)
                 clip, clip_error = (str(saved.path) if saved.path else None), saved.error
-            except Exception as exc:  # noqa: BLE001 - the alert goes out whatever happened to its clip
+            except Exception as exc:
                 log.exception("%s: saving the alert's clip failed", machine)
                 clip_error = f"clip not saved: {type(exc).__name__}: {exc}"
         event = AlertEvent(event_id, kind, self.topics.site, machine, iso_time(start), iso_time(end), score.fused,
@@ -183,6 +190,28 @@ class Outputs:
             message = StateMessage(self.topics.site, machine, state, iso_time(time.time()), detail, event_id)
             self.publisher.publish_reliable(self.topics.state(machine), message.to_json(), retain=True)
         log.info("%s: state %s (%s)", machine, state, detail)
+
+    def health(self, message: HealthMessage) -> None:
+        """Whether the daemon keeps up: retained on MQTT, in the metrics, the event log and
+        the journal (a degraded daemon is a warning: machines go partly unwatched)."""
+        degraded = message.status == "degraded"
+        self.telemetry.set_health(degraded, message.capacity_machines)
+        self.events.write("health", status=message.status, reason=message.reason)
+        if self.publisher is not None:
+            self.publisher.publish_reliable(self.topics.health(), message.to_json(), retain=True)
+        log.log(logging.WARNING if degraded else logging.INFO, "daemon %s%s", message.status,
+                f": {message.reason}" if message.reason else "")
+
+    def review(self, message: ReviewMessage) -> None:
+        """A person's verdict on an alert, applied by this daemon: counted, in the event log and
+        on MQTT (reliable, not retained: each verdict is news once, like an alert)."""
+        self.telemetry.review(message.machine, message.verdict)
+        self.events.write("review", machine=message.machine, event_id=message.event_id, verdict=message.verdict,
+                          condition=message.condition, note=message.note, who=message.who, version=message.version)
+        if self.publisher is not None:
+            self.publisher.publish_reliable(self.topics.review(message.machine), message.to_json())
+        console.warning("%-12s REVIEW %s %s (%s)%s", message.machine, message.event_id, message.verdict.upper(),
+                        message.who, f", bank {message.version}" if message.version else "")
 
     def bank(self, machine: str, version: str | None, previous: str | None, embeddings: Mapping[str, int]) -> None:
         """The machine now scores against bank ``version``."""

@@ -18,6 +18,8 @@ from monitor.config import AlertRule
 ALERT_SCHEMA = "asd.alert/1"
 SCORE_SCHEMA = "asd.score/1"
 STATE_SCHEMA = "asd.state/1"
+HEALTH_SCHEMA = "asd.health/1"
+REVIEW_SCHEMA = "asd.review/1"
 ONLINE = "online"
 OFFLINE = "offline"
 
@@ -28,6 +30,12 @@ WINDOW_STATUSES: tuple[str, ...] = get_args(WindowStatus)
 AlertType = Literal["raise", "clear"]
 ALERT_TYPES: tuple[str, ...] = get_args(AlertType)
 ALERT_RULES: tuple[str, ...] = get_args(AlertRule)
+DaemonStatus = Literal["ok", "degraded"]  # whether the daemon keeps up with its machines
+# A person's answer to an alert (monitor/review/): a false alarm, a confirmed fault, or unsure.
+VerdictName = Literal["normal", "fault", "unsure"]
+VERDICTS: tuple[str, ...] = get_args(VerdictName)
+# The commands a machine's ``cmd/<command>`` topic takes (and the local control socket).
+COMMANDS: tuple[str, ...] = ("enroll", "review")
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -104,8 +112,44 @@ class StateMessage(_Payload):
 
 
 @dataclass(frozen=True)
+class HealthMessage(_Payload):
+    """Whether the daemon keeps up, retained: ``degraded`` while it drops windows for lack of
+    time, with the reason in words and the figures behind it (capacity is what the measured
+    cost per window allows at the hop; None before a window was measured)."""
+
+    site: str
+    daemon: str
+    status: DaemonStatus
+    since: str
+    reason: str = ""
+    machines: int = 0
+    workers: int = 1
+    seconds_per_window: float | None = None
+    capacity_machines: int | None = None
+    dropped_windows: int = 0  # since start
+    schema: str = HEALTH_SCHEMA
+
+
+@dataclass(frozen=True)
+class ReviewMessage(_Payload):
+    """A verdict on an alert (QoS 1, not retained): the plant's systems learn that ``event_id``
+    was answered, how, and which bank version a false alarm created (None otherwise)."""
+
+    event_id: str
+    site: str
+    machine: str
+    verdict: VerdictName
+    condition: str
+    note: str
+    time: str
+    who: str  # the way in: mqtt, socket or cli
+    version: str | None = None  # bank version with the reviewed audio (verdict normal)
+    schema: str = REVIEW_SCHEMA
+
+
+@dataclass(frozen=True)
 class Topics:
-    """Topic layout: ``<prefix>/<site>/<machine>/{alert,score,state,cmd/...}`` and one
+    """Topic layout: ``<prefix>/<site>/<machine>/{alert,score,state,review,cmd/...,reply/...}`` and one
     availability topic per daemon, ``<prefix>/<site>/<daemon>/status`` (``online``/``offline``,
     retained, ``offline`` also as the last will: one MQTT connection has one will)."""
 
@@ -115,6 +159,10 @@ class Topics:
 
     def status(self) -> str:
         return f"{self.prefix}/{self.site}/{self.daemon}/status"
+
+    def health(self) -> str:
+        """The daemon's ``HealthMessage`` (retained): ok or degraded, and why."""
+        return f"{self.prefix}/{self.site}/{self.daemon}/health"
 
     def alert(self, machine: str) -> str:
         return f"{self.prefix}/{self.site}/{machine}/alert"
@@ -128,6 +176,23 @@ class Topics:
     def commands(self) -> str:
         return f"{self.prefix}/{self.site}/+/cmd/#"
 
+    def review(self, machine: str) -> str:
+        """A verdict on one of the machine's alerts (``ReviewMessage``)."""
+        return f"{self.prefix}/{self.site}/{machine}/review"
+
+    def command(self, machine: str, name: str) -> str:
+        """Where commands ``name`` (one of ``COMMANDS``) for ``machine`` are sent."""
+        return f"{self.prefix}/{self.site}/{machine}/cmd/{name}"
+
+    def parse_command(self, topic: str) -> tuple[str, str] | None:
+        """(machine, command) of a command topic ``<prefix>/<site>/<machine>/cmd/<command>``
+        with a command of ``COMMANDS``; None for any other topic."""
+        head = f"{self.prefix}/{self.site}/"
+        parts = topic[len(head):].split("/") if topic.startswith(head) else []
+        if len(parts) == 3 and parts[0] and parts[1] == "cmd" and parts[2] in COMMANDS:
+            return parts[0], parts[2]
+        return None
+
     def command_machine(self, topic: str) -> str | None:
         """The machine an enrollment command topic (``<prefix>/<site>/<machine>/cmd/enroll``)
         is for; None for any other topic."""
@@ -135,9 +200,9 @@ class Topics:
         parts = topic[len(head):].split("/") if topic.startswith(head) else []
         return parts[0] if len(parts) == 3 and parts[0] and parts[1:] == ["cmd", "enroll"] else None
 
-    def reply(self, machine: str) -> str:
+    def reply(self, machine: str, command: str = "enroll") -> str:
         """Replies to commands (outside ``cmd/`` so the daemon never receives its own)."""
-        return f"{self.prefix}/{self.site}/{machine}/reply/enroll"
+        return f"{self.prefix}/{self.site}/{machine}/reply/{command}"
 
     def discovery(self, discovery_prefix: str, machine: str) -> str:
         return f"{discovery_prefix}/binary_sensor/{self.prefix}_{self.site}_{machine}/config"

@@ -34,6 +34,7 @@ from monitor.errors import TelemetryError
 from monitor.outputs.messages import (
     ALERT_TYPES,
     MACHINE_STATES,
+    VERDICTS,
     WINDOW_STATUSES,
     BackboneScore,
 )
@@ -118,6 +119,11 @@ class Telemetry:
             "asd_bank_embeddings", "Normal-sound embeddings enrolled in the machine's current bank, per backbone.", ["machine", "backbone"], registry=r)
         self._bank_version = Gauge(
             "asd_bank_version_info", "Bank version currently used per machine (value 1; the version is the label).", ["machine", "version"], registry=r)
+        self._degraded = Gauge(
+            "asd_degraded", "1 while the daemon cannot keep up and drops windows (the MQTT health topic says why).", registry=r)
+        self._capacity = Gauge(
+            "asd_capacity_machines", "Machines this daemon could score at its hop, from the measured time per window and its workers (0 until measured).",
+            registry=r)
         self._mqtt_connected = Gauge("asd_mqtt_connected", "1 while connected to the MQTT broker, 0 while alerts can only be queued.", registry=r)
         self._mqtt_outbox = Gauge("asd_mqtt_outbox_messages", "Messages queued for the MQTT broker, not yet acknowledged.", registry=r)
         self._mqtt_published = Counter("asd_mqtt_published", "Messages delivered to the MQTT broker.", registry=r)
@@ -129,6 +135,9 @@ class Telemetry:
         self._enrollment_windows = Counter(
             "asd_enrollment_windows", "Windows seen by live enrollment: accepted, or excluded for a sensor fault or as an outlier.",
             ["machine", "result"], registry=r)
+        self._reviews = Counter(
+            "asd_reviews", "Verdicts on alerts applied by this daemon: normal (false alarm, enrolled), fault (confirmed), unsure.",
+            ["machine", "verdict"], registry=r)
 
     def add_machine(self, machine: str, backbones: Iterable[str] = ()) -> None:
         """Create a machine's series at zero and put it in state ``starting``.
@@ -146,6 +155,8 @@ class Telemetry:
         self._enrollment_progress.labels(machine).set(0)
         for result in ENROLLMENT_RESULTS:
             self._enrollment_windows.labels(machine, result)
+        for verdict in VERDICTS:
+            self._reviews.labels(machine, verdict)
         for backbone in backbones:
             self._inference.labels(backbone)
         self.set_state(machine, "starting")
@@ -169,6 +180,11 @@ class Telemetry:
         """Count an alert ``raise`` or ``clear``."""
         _check(kind, ALERT_TYPES, "alert type")
         self._alerts.labels(machine, kind).inc()
+
+    def review(self, machine: str, verdict: str) -> None:
+        """Count one verdict on one of the machine's alerts."""
+        _check(verdict, VERDICTS, "verdict")
+        self._reviews.labels(machine, verdict).inc()
 
     def set_ranks(self, machine: str, fused_rank: float, backbones: Mapping[str, BackboneScore]) -> None:
         """Record the ranks of the last scored window (fused and per backbone)."""
@@ -212,6 +228,10 @@ class Telemetry:
             self._bank_version.labels(machine, version).set(1)
         for backbone, count in embeddings.items():
             self._bank_embeddings.labels(machine, backbone).set(count)
+
+    def set_health(self, degraded: bool, capacity_machines: int | None) -> None:
+        self._degraded.set(1 if degraded else 0)
+        self._capacity.set(capacity_machines or 0)
 
     def set_mqtt_connected(self, connected: bool) -> None:
         self._mqtt_connected.set(1 if connected else 0)

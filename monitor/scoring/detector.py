@@ -21,7 +21,12 @@ from monitor.audio.files import Recording, shortest_seconds
 from monitor.bank.model import Bank
 from monitor.config import Config
 from monitor.errors import BackboneError, ClipTooShort
-from monitor.scoring.backbone import Backbone
+from monitor.scoring.backbone import (
+    Backbone,
+    embed_outputs,
+    load_backbones,
+    shared_runs,
+)
 from monitor.scoring.idle import IdleDetector, noise_rows
 from monitor.scoring.knn import KnnScorer
 from monitor.scoring.ranking import RankReference, ZMin, fuse, self_rank
@@ -57,7 +62,8 @@ class Embedded:
 
     embeddings: dict[str, np.ndarray]
     starts: list[float]
-    inference_seconds: dict[str, float]  # per backbone, for all windows together
+    # per backbone, for all windows together; outputs of one model share a run, and each carries its time
+    inference_seconds: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,11 @@ class Detector:
 
     @classmethod
     def from_config(cls, config: Config | None = None) -> Detector:
-        """Load the configured backbones (the built-in default without a config)."""
+        """Load the configured backbones (the built-in default without a config); entries
+        naming outputs of one model file share its session (``load_backbones``)."""
         config = config if config is not None else Config()
         rt = config.runtime
-        return cls([Backbone.load(b.model, rt.provider, rt.threads) for b in config.backbones], config)
+        return cls(load_backbones(config.backbones, rt.provider, rt.threads), config)
 
     def unfitted(self) -> Detector:
         """A new detector on the same loaded backbones, to fit on another bank (the sessions
@@ -139,7 +146,8 @@ class Detector:
 
         The recording is read, resampled and cut once per backbone rate, a block at a time;
         backbones at the same rate share the windows, which reach onnxruntime ``BATCH_WINDOWS``
-        at a time. So memory holds a few windows besides the embeddings, whatever the length.
+        at a time, and backbones that are outputs of one model file share one run per batch.
+        So memory holds a few windows besides the embeddings, whatever the length.
         A recording shorter than a backbone accepts is refused (``ClipTooShort``).
         ``hop_seconds`` defaults to the window length (no overlap); ``progress`` hears the
         seconds of audio read (divided among the rates, so that they add up to its length).
@@ -161,37 +169,46 @@ class Detector:
         starts: dict[tuple[int, int, int | None], list[float]] = {}
         for cut, group in cuts.items():
             starts[cut] = []
+            runs = shared_runs(group)
             for batch in _batches(group[0].windows(recording, hop_seconds, share), BATCH_WINDOWS):
                 starts[cut] += [start for start, _ in batch]
                 windows = np.stack([window for _, window in batch])
-                for backbone in group:
+                for run in runs:
                     began = time.perf_counter()
-                    rows[backbone.name].append(backbone.embed(windows))
-                    seconds[backbone.name] += time.perf_counter() - began
+                    outputs = embed_outputs(run, windows)
+                    took = time.perf_counter() - began
+                    for backbone, embedding in zip(run, outputs):
+                        rows[backbone.name].append(embedding)
+                        seconds[backbone.name] += took
         if len({len(cut_starts) for cut_starts in starts.values()}) > 1:
             raise BackboneError(f"{recording.source}: backbones cut different numbers of windows")
         # The start times as the last backbone cuts them (rates may round the last one apart).
         return Embedded({name: np.concatenate(parts) for name, parts in rows.items()},
                         starts[key(self.backbones[-1])], seconds)
 
-    def fit(self, bank: Bank) -> None:
-        """Index ``bank`` and compute each backbone's anchored reference.
-
-        Refuses a bank enrolled with other models (distances across models mean nothing) or
-        lacking a configured backbone.
-        """
+    def check(self, bank: Bank) -> np.ndarray:
+        """Refuse a bank enrolled with other models (distances across models mean nothing),
+        lacking a configured backbone or with fewer than two windows of the running machine;
+        return the rows of the running machine. Cheap, so the daemon checks every bank before
+        it starts and fits them while audio already flows."""
         missing = sorted(set(self.model_ids) - set(bank.backbones))
         if missing:
             raise BackboneError(f"bank has no embeddings for backbone(s) {', '.join(missing)}: enroll with them first")
         # The bank may hold more backbones than are configured; those configured must match.
         bank.check_compatible(bank.model_ids | self.model_ids)
-        conditions = bank.condition_labels()
-        noise = noise_rows(conditions)
+        noise = noise_rows(bank.condition_labels())
         running = np.setdiff1d(np.arange(len(bank)), noise)
         if len(running) < 2:
             raise BackboneError(f"bank holds {len(running)} window(s) of the running machine"
                                 f"{f' (and {len(noise)} of site noise)' if len(noise) else ''}: "
                                 "at least 2 are needed to rank scores")
+        return running
+
+    def fit(self, bank: Bank) -> None:
+        """Index ``bank`` and compute each backbone's anchored reference (``check`` first)."""
+        running = self.check(bank)
+        conditions = bank.condition_labels()
+        noise = noise_rows(conditions)
         running_conditions = [conditions[i] for i in running]
         scoring = self.config.scoring
         loo = {}

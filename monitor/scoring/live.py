@@ -39,12 +39,19 @@ class LiveScorer:
 
     @classmethod
     def fit(cls, models: Detector, bank: Bank, rolling_size: int, source_rate: int, what: str) -> LiveScorer:
-        """Fit a detector on ``models``' loaded backbones for ``bank``; refuses a bank enrolled
-        from audio of another bandwidth than the source's (``what`` names them in the error)."""
-        check_audio_rate(bank.recorded_rates, source_rate, models.model_rate, what)
+        """Fit a detector on ``models``' loaded backbones for ``bank`` (``check`` first)."""
+        cls.check(models, bank, source_rate, what)
         detector = models.unfitted()
         detector.fit(bank)
         return cls(detector, bank, rolling_size)
+
+    @staticmethod
+    def check(models: Detector, bank: Bank, source_rate: int, what: str) -> None:
+        """What ``fit`` refuses, without the cost of fitting: a bank of other models or too
+        few windows (``Detector.check``), or enrolled from audio of another bandwidth than the
+        source's (``what`` names them in the error)."""
+        check_audio_rate(bank.recorded_rates, source_rate, models.model_rate, what)
+        models.check(bank)
 
     def score(self, embeddings: dict[str, np.ndarray]) -> WindowScore:
         """Score one window's embeddings (one row per backbone)."""

@@ -1,5 +1,6 @@
 """Commands the daemon answers: from the local control socket, from MQTT, and from the
-enrollment schedule. Each is authenticated and validated completely before anything changes,
+enrollment schedule: ``enroll`` (live enrollment) and ``review`` (a verdict on an alert, see
+``monitor.review``). Each is authenticated and validated completely before anything changes,
 and always answered with a reply (on MQTT, on the machine's reply topic) that carries the
 request's ``request_id``, refusals included, so that a client can match it to its request.
 
@@ -18,8 +19,12 @@ from typing import Any
 
 from monitor.config import Config
 from monitor.enrollment.live import parse_command
-from monitor.errors import CommandError
+from monitor.errors import AsdError, CommandError, first_line
 from monitor.outputs.fanout import Outputs
+from monitor.outputs.messages import ReviewMessage
+from monitor.review.apply import Reviewer
+from monitor.review.verdicts import parse_verdict
+from monitor.scoring.detector import Detector
 from monitor.service.enrolling import LiveEnrollment
 from monitor.service.machine import Machine
 
@@ -27,19 +32,21 @@ log = logging.getLogger(__name__)
 
 
 class Commands:
-    def __init__(self, config: Config, machines: list[Machine], enrollment: LiveEnrollment, outputs: Outputs) -> None:
+    def __init__(self, config: Config, machines: list[Machine], enrollment: LiveEnrollment, outputs: Outputs,
+                 models: Detector) -> None:
         self.config = config
+        self.models = models  # the daemon's loaded backbones: a verdict embeds its clip with them
         self.machines = {m.name: m for m in machines}
         self.enrollment = enrollment
         self.outputs = outputs
         self._scheduled: dict[int, str] = {}  # schedule entry -> date it last started
 
-    def handle(self, machine_name: str, payload: bytes) -> dict[str, Any]:
+    def handle(self, machine_name: str, payload: bytes, command: str = "enroll") -> dict[str, Any]:
         """A command from the local control socket or the schedule (no token: see above)."""
-        return self._handle(machine_name, payload, token_required=False)
+        return self._handle(machine_name, payload, token_required=False, command=command)
 
-    def _handle(self, machine_name: str, payload: bytes, token_required: bool) -> dict[str, Any]:
-        """An enrollment command; the reply says what happened or why nothing did."""
+    def _handle(self, machine_name: str, payload: bytes, token_required: bool, command: str = "enroll") -> dict[str, Any]:
+        """An enrollment or review command; the reply says what happened or why nothing did."""
         machine = self.machines.get(machine_name)
         request_id = _request_id(payload)
         try:
@@ -47,6 +54,8 @@ class Commands:
                 raise CommandError(f"unknown machine {machine_name!r}")
             if token_required:
                 self._check_token(payload)
+            if command == "review":
+                return self._review(machine, payload, "mqtt" if token_required else "socket")
             reply = self.enrollment.apply(machine, parse_command(payload, self.config.enrollment))
         except CommandError as exc:
             log.warning("command for %s refused: %s", machine_name, exc)
@@ -58,18 +67,40 @@ class Commands:
         self.outputs.event("command", machine=machine_name, reply=reply)
         return reply
 
+    def _review(self, machine: Machine, payload: bytes, who: str) -> dict[str, Any]:
+        """A verdict on one of the machine's alerts (``monitor.review.apply``); a false alarm's
+        new bank version is switched to at once (the bank check would within seconds)."""
+        verdict = parse_verdict(payload, self.config.enrollment)
+        try:
+            applied = Reviewer(self.config, lambda: self.models, lambda name: self.machines[name].store).apply(
+                verdict, who, machine.name)
+        except CommandError:
+            raise
+        except AsdError as exc:  # a clip that cannot be enrolled (sensor faults, rate), a bank error: say why
+            raise CommandError(first_line(exc)) from None
+        record = applied.record
+        if record.version is not None:
+            self.enrollment.switch_bank(machine)
+        try:  # the verdict is applied and recorded: the reply says so whatever happens to the news of it
+            self.outputs.review(ReviewMessage(record.event_id, self.outputs.topics.site, record.machine,
+                                              record.verdict, record.condition, record.note, record.time, who,
+                                              record.version))
+        except Exception:  # noqa: BLE001 - e.g. a full outbox
+            log.exception("%s: review %s applied, but telling the outputs failed", machine.name, record.event_id)
+        return applied.reply() | {"request_id": verdict.request_id}
+
     def on_mqtt(self, topic: str, payload: bytes) -> None:
         """paho's network thread: hand the command to a thread of its own and return at once
         (no PUBACK is processed while this runs)."""
-        machine = self.outputs.topics.command_machine(topic)
-        if machine is None:
+        parsed = self.outputs.topics.parse_command(topic)
+        if parsed is None:
             log.warning("ignoring command on %s", topic)
             return
-        threading.Thread(target=self._reply_mqtt, args=(machine, payload), name="command", daemon=True).start()
+        threading.Thread(target=self._reply_mqtt, args=(*parsed, payload), name="command", daemon=True).start()
 
-    def _reply_mqtt(self, machine: str, payload: bytes) -> None:
-        reply = self._handle(machine, payload, token_required=True)
-        self.outputs.publisher.publish_volatile(self.outputs.topics.reply(machine), json.dumps(reply))
+    def _reply_mqtt(self, machine: str, command: str, payload: bytes) -> None:
+        reply = self._handle(machine, payload, token_required=True, command=command)
+        self.outputs.publisher.publish_volatile(self.outputs.topics.reply(machine, command), json.dumps(reply))
 
     def _check_token(self, payload: bytes) -> None:
         path = self.config.mqtt.command_token_file

@@ -1,9 +1,11 @@
 """The local control socket: ``<state_dir>/control.sock``, one JSON request per connection.
 
-Request: ``{"machine": "fan-1", "command": "enroll", ...enrollment fields}``; the reply is one
-JSON line. Only local users who can reach the state directory can use it (it is created mode
-0600), which is the authentication: the same people who could edit the bank directly. So a
-request here needs no ``mqtt.command_token_file`` token: that one guards MQTT.
+Request: ``{"machine": "fan-1", "command": "enroll", ...enrollment fields}`` or
+``{"machine": "fan-1", "command": "review", "event_id": ..., "verdict": ...}`` (a verdict on an
+alert, see monitor/review/); the reply is one JSON line. Only local users who can reach the
+state directory can use it (it is created mode 0600), which is the authentication: the same
+people who could edit the bank directly. So a request here needs no
+``mqtt.command_token_file`` token: that one guards MQTT.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], dict[str, Any]]
+Handler = Callable[[str, bytes, str], dict[str, Any]]  # (machine, payload, command) -> reply
+COMMANDS = ("enroll", "review")
 MAX_REQUEST_BYTES = 65536
 
 
@@ -36,9 +39,10 @@ class ControlServer:
                 try:
                     request = json.loads(line)
                     machine = request.pop("machine")
-                    if request.pop("command") != "enroll":
-                        raise ValueError("command must be 'enroll'")
-                    reply = outer(machine, json.dumps(request).encode())
+                    command = request.pop("command")
+                    if command not in COMMANDS:
+                        raise ValueError(f"command must be one of {', '.join(map(repr, COMMANDS))}")
+                    reply = outer(machine, json.dumps(request).encode(), command)
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     # Answered like every reply: with the request's request_id, as far as it was read.
                     request_id = request.get("request_id") if isinstance(request, dict) else None
@@ -61,7 +65,8 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
 
-def request(path: Path, machine: str, fields: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+def request(path: Path, machine: str, fields: dict[str, Any], timeout: float = 10.0,
+            command: str = "enroll") -> dict[str, Any]:
     """Send one command to a running daemon and return its reply (used by the CLI)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -69,6 +74,6 @@ def request(path: Path, machine: str, fields: dict[str, Any], timeout: float = 1
             sock.connect(str(path))
         except OSError as exc:
             raise ConnectionError(f"{path}: no daemon is listening ({exc.strerror or exc})") from None
-        sock.sendall(json.dumps({"machine": machine, "command": "enroll", **fields}).encode() + b"\n")
+        sock.sendall(json.dumps({"machine": machine, "command": command, **fields}).encode() + b"\n")
         data = sock.makefile("rb").readline()
     return json.loads(data)

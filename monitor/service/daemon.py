@@ -4,13 +4,16 @@ Threads, and why each exists:
 
 * per source, one that keeps it running (a microphone is reopened with back-off when it fails)
   and one that cuts its audio into windows (``monitor.service.windows``);
-* one worker: every window through the pipeline. onnxruntime already uses the cores inside
-  each call, so one worker keeps each machine's windows in order at no cost in speed;
+* workers: every window through the pipeline, each machine's windows one at a time and in
+  order (``WindowQueue``); how many, and how many cores each onnxruntime call uses, is
+  ``monitor.service.capacity``'s choice;
+* at start, a few threads fitting the banks while the first windows are being recorded;
 * paho's network thread and the outbox delivery thread (``monitor.outputs.mqtt``), the metrics
   HTTP server, and the control socket.
 
 The main thread waits for a stop request (signal, or the end of a replay) and meanwhile follows
-bank switches, reloads on SIGHUP, reports dead devices and keeps systemd's status current.
+bank switches, reloads on SIGHUP, reports dead devices, says when the box cannot keep up
+(``degraded``) and keeps systemd's status current.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from monitor.errors import AudioDeviceError, ConfigError, TelemetryError
 from monitor.outputs.clips import ClipStore
 from monitor.outputs.events import EventLog
 from monitor.outputs.fanout import Outputs, WindowListener
-from monitor.outputs.messages import Topics
+from monitor.outputs.messages import HealthMessage, Topics, iso_time
 from monitor.outputs.mqtt import Publisher
 from monitor.outputs.outbox import Outbox
 from monitor.outputs.telemetry import Telemetry
 from monitor.scoring.detector import Detector
 from monitor.service.alerts import AlertTracker
 from monitor.service.banks import Banks
+from monitor.service.capacity import Overload, WorkPlan, plan_work
 from monitor.service.commands import Commands
 from monitor.service.control import ControlServer
 from monitor.service.enrolling import LiveEnrollment
@@ -47,10 +51,11 @@ from monitor.service.machine import Machine
 from monitor.service.pipeline import Pipeline
 from monitor.service.systemd import Notifier
 from monitor.service.threads import limit_compute_threads
-from monitor.service.windows import POLL_SECONDS, WindowQueue, cut_windows
+from monitor.service.windows import POLL_SECONDS, WindowQueue, cut_windows, phase_lanes
 
 log = logging.getLogger(__name__)
 
+RING_SECONDS = 60.0  # audio a source holds at least (a slow window, phases over the hop)
 BANK_CHECK_SECONDS = 2.0  # how soon a bank switched by another process is picked up
 STATUS_SECONDS = 10.0
 # Sections a reload cannot apply to a running daemon.
@@ -92,6 +97,8 @@ class Daemon:
         self._listeners: list[WindowListener] = []
         self._wedge_after = _fault_injection()
         self._last_ping = 0.0
+        self._worker_beats: list[float] = []  # when each worker last came round its loop
+        self._count_lock = threading.Lock()
 
     def add_listener(self, listener: WindowListener) -> None:
         """Call ``listener`` with every window's ``WindowReport`` (from the worker thread)."""
@@ -103,12 +110,16 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         limit_compute_threads(cfg.runtime.compute_threads)
-        self.models = Detector.from_config(cfg)  # first: a model that will not load leaves nothing behind
+        cores = os.cpu_count() or 1
+        self.plan: WorkPlan = plan_work(cfg, cores)
+        # First: a model that will not load leaves nothing behind.
+        self.models = Detector.from_config(replace(cfg, runtime=replace(cfg.runtime, threads=self.plan.threads)))
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"daemon.state_dir: cannot create {self.state_dir} ({exc.strerror or exc})") from None
-        self.sources = {s.name: make_source(s) for s in cfg.sources}
+        ring = max(RING_SECONDS, 2 * (self.models.window_seconds + cfg.daemon.hop_seconds))
+        self.sources = {s.name: make_source(s, ring) for s in cfg.sources}
         if cfg.metrics.enabled:
             try:
                 self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
@@ -129,25 +140,31 @@ class Daemon:
         self.machines = [self._machine(m) for m in cfg.machines]
         self.banks = Banks(cfg, self.models, self.outputs)
         self.enrollment = LiveEnrollment(cfg, self.models.model_ids, self.outputs, self.banks.switch)
-        self.commands = Commands(cfg, self.machines, self.enrollment, self.outputs)
+        self.commands = Commands(cfg, self.machines, self.enrollment, self.outputs, self.models)
         self.pipeline = Pipeline(cfg, self.models, self.outputs, self.enrollment)
         self.windows = WindowQueue(cfg.daemon.resolved_queue_size(len(cfg.machines)), self.outputs, self.stop_event)
+        self.overload = Overload(len(self.machines), cfg.daemon.hop_seconds, self.plan.workers)
+        self.outputs.add_listener(self.overload.window)
         if self.publisher is not None:
             if cfg.mqtt.commands:
                 self.publisher.on_command = self.commands.on_mqtt
             self.publisher.start()
         self.outputs.announce_machines([m.name for m in self.machines], [b.name for b in self.models.backbones])
-        for machine in self.machines:
-            self.banks.load(machine)
+        banks = [(m, bank) for m in self.machines if (bank := self.banks.read(m)) is not None]
+        self._health()
         if cfg.enrollment.control_socket:
             self.control = ControlServer(self.state_dir / "control.sock", self.commands.handle)
             self.control.start()
+        self.banks.fit_at_start(banks, cores)  # in config order: the order of the first windows
         for source in self.sources.values():
             self._start_source(source)
-        self._spawn(self._work, "worker")
+        for index in range(self.plan.workers):
+            self._worker_beats.append(time.monotonic())
+            self._spawn(lambda index=index: self._work(index), f"worker-{index}")
         self.outputs.event("started", version=__version__, machines=[m.name for m in self.machines])
-        log.info("started: %d machine(s), backbones %s", len(self.machines),
-                 ", ".join(b.name for b in self.models.backbones))
+        log.info("started: %d machine(s), backbones %s, %d worker(s) x %s onnxruntime thread(s), windows %s",
+                 len(self.machines), ", ".join(b.name for b in self.models.backbones), self.plan.workers,
+                 self.plan.threads or "auto", cfg.daemon.window_phase)
         self.notifier.ready(self.status_line())
 
     def _machine(self, cfg: MachineConfig) -> Machine:
@@ -159,8 +176,9 @@ class Daemon:
         window = round(self.models.window_seconds * source.sample_rate)
         hop = round(self.config.daemon.hop_seconds * source.sample_rate)
         self.telemetry.add_source(source.name)
-        windower = Windower(source.ring, window, hop)
         listeners = [m for m in self.machines if m.source is source]
+        lanes = phase_lanes(listeners, [m.name for m in self.machines], hop, self.config.daemon.window_phase == "spread")
+        windower = Windower(source.ring, window, hop, [lane for lane, _ in lanes])
         if isinstance(source, FileSource):
             source.on_skip = lambda path, reason: self.outputs.event(
                 "file_skipped", source=source.name, machines=[m.name for m in listeners], file=str(path), error=reason)
@@ -172,8 +190,8 @@ class Daemon:
             log.error("%s", exc)
             source.error = str(exc)
         self._spawn(lambda: source.supervise(self.stop_event), f"supervise-{source.name}")
-        self._spawn(lambda: cut_windows(source, windower, listeners, self.windows, self.outputs, self.stop_event),
-                    f"windows-{source.name}")
+        self._spawn(lambda: cut_windows(source, windower, [fed for _, fed in lanes], self.windows, self.outputs,
+                                        self.stop_event), f"windows-{source.name}")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         threads = self.config.runtime.compute_threads
@@ -186,11 +204,13 @@ class Daemon:
         thread.start()
         self._threads.append(thread)
 
-    # ---------------------------------------------------------------- the worker
-    def _work(self) -> None:
-        """The processing loop; it alone pings the systemd watchdog, so a wedged pipeline
-        (not merely a live process) is what gets the daemon restarted."""
+    # ---------------------------------------------------------------- the workers
+    def _work(self, index: int) -> None:
+        """One worker's processing loop. Only the workers ping the systemd watchdog, and only
+        while every one of them comes round its loop, so a wedged pipeline (not merely a live
+        process) is what gets the daemon restarted."""
         while not self.stop_event.is_set() or not self.windows.empty():
+            self._worker_beats[index] = time.monotonic()
             self._heartbeat()
             item = self.windows.get()
             if item is None:
@@ -199,19 +219,23 @@ class Daemon:
                 log.error("fault injection: wedging the processing loop")
                 self.stop_event.wait()
             try:
+                self.banks.wait_fitted(item.machine)
                 self.pipeline.process(item)
             except Exception:  # one bad window must not end monitoring of every machine
-                log.exception("%s: processing the window at %.3f failed", item.machine.name, item.window.start_time)
+                log.exception("%s: processing the window at %.3f failed", item.machine.name, item.start)
             finally:
-                self.windows_processed += 1
-                self.windows.done()
+                with self._count_lock:
+                    self.windows_processed += 1
+                self.windows.done(item)
 
     def _heartbeat(self) -> None:
-        """Ping the watchdog unless the audio path is dead: every windower must be running
-        (a finished replay excepted)."""
+        """Ping the watchdog unless a worker is stuck or the audio path is dead: every
+        windower must be running (a finished replay excepted)."""
         interval = self.notifier.watchdog_interval
         now = time.monotonic()
         if interval is None or now - self._last_ping < min(interval, 5.0):
+            return
+        if any(now - beat > interval for beat in self._worker_beats):
             return
         if all(t.is_alive() for t in self._threads if t.name.startswith("windows-")) or self._replays_done():
             self.notifier.watchdog()
@@ -239,6 +263,8 @@ class Daemon:
             elif now - last_bank_check >= BANK_CHECK_SECONDS:
                 last_bank_check = now
                 self.banks.follow(self.machines)
+            if self.overload.check(self.outputs.dropped_windows, now):
+                self._health()
             if now - last_status >= STATUS_SECONDS:
                 last_status = now
                 self.notifier.status(self.status_line())
@@ -250,7 +276,17 @@ class Daemon:
         states = ", ".join(f"{m.name} {m.state}" for m in self.machines)
         mqtt = "" if self.publisher is None else (
             f"; MQTT {'up' if self.publisher.connected else 'DOWN'}, outbox {self.publisher.outbox_depth}")
-        return f"{self.windows_processed} windows; {states}{mqtt}"
+        degraded = f"DEGRADED ({self.overload.reason}); " if self.overload.degraded else ""
+        return f"{degraded}{self.windows_processed} windows; {states}{mqtt}"
+
+    def _health(self) -> None:
+        """Publish whether the daemon keeps up (at start, and when that changes)."""
+        load, cfg = self.overload, self.config
+        self.outputs.health(HealthMessage(
+            cfg.mqtt.site, cfg.daemon.name, "degraded" if load.degraded else "ok", iso_time(time.time()), load.reason,
+            len(self.machines), self.plan.workers, None if load.cost is None else round(load.cost, 4), load.capacity,
+            self.outputs.dropped_windows))
+        self.notifier.status(self.status_line())
 
     def _check_devices(self) -> None:
         """A dead device delivers no windows, so its fault must be reported from here."""
@@ -291,6 +327,8 @@ class Daemon:
     def stop(self) -> None:
         self.notifier.stopping()
         self.stop_event.set()
+        if self.outputs is not None:
+            self.banks.stop()
         for source in self.sources.values():
             source.stop()
         for thread in self._threads:

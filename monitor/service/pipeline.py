@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from monitor.audio.files import Audio
-from monitor.audio.ring import Window
 from monitor.audio.sensor import check_window
 from monitor.config import Config
 from monitor.outputs.fanout import Outputs, WindowReport
@@ -31,7 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class QueuedWindow:
     machine: Machine
-    window: Window
+    start: float  # epoch seconds of the window's first sample
+    samples: np.ndarray  # [window frames] of the machine's channel
     ready: float  # time.monotonic() when the window's last sample was available
 
 
@@ -49,8 +49,7 @@ class Pipeline:
         began = time.monotonic()
         machine = item.machine
         rate = machine.source.sample_rate
-        samples = item.window.samples[:, machine.config.channel]
-        start = item.window.start_time
+        samples, start = item.samples, item.start
         end = start + len(samples) / rate
         scorer = machine.scorer  # read once: a bank switch replaces it whole
         clock = _Stopwatch()

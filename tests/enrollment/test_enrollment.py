@@ -161,7 +161,7 @@ def test_the_control_socket_needs_no_mqtt_token_and_every_reply_carries_the_requ
     assert request(sock, "ghost", {"action": "status", "request_id": "r2"})["request_id"] == "r2"
     assert request(sock, "motor", {"action": "begin", "request_id": "r3"})["request_id"] == "r3"
     assert request(sock, "motor", {"command": "reboot", "request_id": "r4"}) == {
-        "ok": False, "error": "bad request: command must be 'enroll'", "request_id": "r4"}
+        "ok": False, "error": "bad request: command must be one of 'enroll', 'review'", "request_id": "r4"}
     started = request(sock, "motor", {"action": "start", "duration_s": 3600, "request_id": "r5"})
     assert started["ok"] and started["request_id"] == "r5"
     path = write_yaml(tmp_path / "daemon.yaml", config)

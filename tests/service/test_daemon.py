@@ -334,6 +334,7 @@ def test_reload_switches_bank_versions_without_stopping_audio(tmp_path: Path, mo
     runner.start()
     try:
         machine = daemon.machines[0]
+        daemon.banks.wait_fitted(machine)  # banks are fitted while the audio starts
         assert machine.bank_version == "v000001"
         enroll(config, tmp_path / "enroll2", n=3)  # a new version, made by another "process"
         deadline = time.monotonic() + 30
