@@ -80,7 +80,10 @@ DEFAULT_SYSTEM = "aisfx mahalanobis"
 # Density-normalised KNN (scoring.normalisation: density) for these (model, metric) pairs, and
 # Z-MIN fusion (fusion.rule: zmin, computed by the detector from its bank) of these pairs, each
 # without and with density normalisation (issue 13).
-DENSITY = (("aisfx", "mahalanobis"), ("aisfx", "cosine"), ("logmel", "mahalanobis"))
+# A model may name its output as in LAYERS: the concatenation with density normalisation is the
+# pair that issue 13's first pass on other recordings found best together.
+DENSITY = (("aisfx", "mahalanobis"), ("aisfx", "cosine"), ("logmel", "mahalanobis"),
+           ("aisfx:embedding+block3", "mahalanobis"))
 ZMIN_PAIRS = ((("aisfx", "mahalanobis"), ("logmel", "cosine")), (("aisfx", "mahalanobis"), ("logmel", "mahalanobis")))
 # aisfx's intermediate blocks (graph outputs beside its embedding) and its embedding
 # concatenated with block 3, measured alone with both metrics; the blocks' rank fusions with
@@ -139,8 +142,9 @@ def layer_systems(singles: list[System], machine: str, clips, domains: list[str]
 def normalised_systems(models: list[str], machine: str, clips) -> list[System]:
     """Density-normalised single systems and Z-MIN fusions, each one evaluate run."""
     out = []
-    runs = [(f"{m} {metric} density", [BackboneConfig(m, metric=metric)], "mean", "density")
-            for m, metric in DENSITY if m in models]
+    # A density run is labelled once its backbone's name is known (a further output names it).
+    runs: list[tuple[str | None, list[BackboneConfig], str, str]] = [
+        (None, [backbone_config(m, metric)], "mean", "density") for m, metric in DENSITY if m.split(":")[0] in models]
     for (ma, a), (mb, b) in ZMIN_PAIRS:
         if ma in models and mb in models:
             for norm in ("none", "density"):
@@ -152,7 +156,7 @@ def normalised_systems(models: list[str], machine: str, clips) -> list[System]:
         result = evaluate_machine(Detector.from_config(config), machine, clips, lambda _n: None)
         if len(backbones) == 1:
             (name,) = result.raw
-            out.append(System(label, result.raw[name], result.figures[name]))
+            out.append(System(label or f"{name} {backbones[0].metric} density", result.raw[name], result.figures[name]))
         else:
             out.append(System(label, result.fused, result.figures[FUSED]))
     return out

@@ -97,6 +97,9 @@ class FusionConfig:
     rule: FusionRule = "mean"
 
 
+DEFAULT_WARNING_THRESHOLD = 0.95  # alerts.warning_threshold "auto", see AlertConfig.warning_rank
+
+
 @dataclass(frozen=True)
 class AlertConfig:
     """When windows become an alert.
@@ -114,6 +117,12 @@ class AlertConfig:
     ``cusum_drift`` the per-window evidence subtracted (2.0: midway between normal audio's mean
     of 1 and the 3.0 of a fault at rank 0.95). Clearing and cooldown are the same for both
     rules. The default stays ``n_of_m`` until measurements justify a switch.
+
+    ``warning_threshold`` adds a level below the alert (monitor/service/severity.py): a machine
+    without an open alert reads ``warning`` while ``raise_count`` of the last ``raise_window``
+    windows ranked above it. It must lie in [``clear_threshold``, ``threshold``): below the
+    clear threshold it would flag windows the reference learns from as normal. ``auto`` (the
+    default) is 0.95 where that fits, null turns the level off. A warning never raises an alert.
     """
 
     threshold: float = field(default=0.99, metadata=_range(0.0, 1.0, exclusive_min=True))
@@ -125,6 +134,20 @@ class AlertConfig:
     rule: AlertRule = "n_of_m"
     cusum_arl_days: float = field(default=30.0, metadata=_range(0.0, exclusive_min=True))
     cusum_drift: float = field(default=2.0, metadata=_range(0.0, exclusive_min=True))
+    # The warning level (monitor/service/severity.py): the N-of-M count above this lower rank.
+    # "auto": DEFAULT_WARNING_THRESHOLD when it lies in [clear_threshold, threshold), else midway
+    # between them (so a site that lowered ``threshold`` keeps a valid config); null: no warnings.
+    warning_threshold: Literal["auto"] | float | None = field(default="auto", metadata=_range(0.0, 1.0, exclusive_min=True))
+
+    @property
+    def warning_rank(self) -> float | None:
+        """The rank the warning level counts above (``warning_threshold`` resolved); None: off."""
+        if self.warning_threshold != "auto":
+            return self.warning_threshold  # type: ignore[return-value]
+        if self.clear_threshold <= DEFAULT_WARNING_THRESHOLD < self.threshold:
+            return DEFAULT_WARNING_THRESHOLD
+        middle = 0.5 * (self.clear_threshold + self.threshold)
+        return middle if middle < self.threshold else None  # clear_threshold == threshold: no room
 
 
 @dataclass(frozen=True)
@@ -381,6 +404,11 @@ def _check_config(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: alerts.raise_count: {alerts.raise_count} cannot exceed alerts.raise_window {alerts.raise_window}")
     if alerts.clear_threshold > alerts.threshold:
         raise ConfigError(f"{source}: alerts.clear_threshold: {alerts.clear_threshold:g} must not exceed alerts.threshold {alerts.threshold:g}")
+    warning = alerts.warning_threshold
+    if isinstance(warning, (int, float)) and warning >= alerts.threshold:
+        raise ConfigError(f"{source}: alerts.warning_threshold: {warning:g} must be below alerts.threshold {alerts.threshold:g}")
+    if isinstance(warning, (int, float)) and warning < alerts.clear_threshold:
+        raise ConfigError(f"{source}: alerts.warning_threshold: {warning:g} must not be below alerts.clear_threshold {alerts.clear_threshold:g}")
     _check_unique(source, "sources", [s.name for s in config.sources])
     _check_unique(source, "machines", [m.name for m in config.machines])
     sources = {s.name: s for s in config.sources}

@@ -29,12 +29,13 @@ from monitor.outputs.messages import (
     MachineState,
     ReviewMessage,
     ScoreMessage,
+    Severity,
     StateMessage,
     Topics,
     WindowStatus,
     iso_time,
 )
-from monitor.outputs.mqtt import Publisher, discovery_payload
+from monitor.outputs.mqtt import Publisher, discovery_payloads
 from monitor.outputs.telemetry import Telemetry
 from monitor.scoring.live import WindowScore
 
@@ -100,8 +101,8 @@ class Outputs:
             self.telemetry.add_machine(name, backbones)
         if self.publisher is not None and self.config.mqtt.homeassistant_discovery:
             for name in names:
-                topic, payload = discovery_payload(self.topics, name, self.config.mqtt.discovery_prefix)
-                self.publisher.publish_reliable(topic, payload, retain=True)
+                for topic, payload in discovery_payloads(self.topics, name, self.config.mqtt.discovery_prefix):
+                    self.publisher.publish_reliable(topic, payload, retain=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """A line in the event log (started, reloaded, commands, enrollments, ...)."""
@@ -161,9 +162,10 @@ class Outputs:
 
     # ------------------------------------------------------------ transitions
     def alert(self, machine: str, kind: AlertType, event_id: str, start: float, end: float, score: WindowScore,
-              samples: np.ndarray, rate: int, rule: AlertRule = "n_of_m") -> AlertEvent:
+              samples: np.ndarray, rate: int, rule: AlertRule = "n_of_m", severity: Severity | None = None) -> AlertEvent:
         """An alert raised or cleared (``start``: the episode's first anomalous window, ``end``:
-        the end of the window that decided; ``rule``: the rule that raised it). A raise saves
+        the end of the window that decided; ``rule``: the rule that raised it; ``severity``: the
+        machine's level after it, by default alarm on a raise and ok on a clear). A raise saves
         the deciding window's clip first; the alert goes out whatever happened to the clip."""
         clip, clip_error = None, None
         if kind == "raise":
@@ -174,7 +176,8 @@ class Outputs:
                 log.exception("%s: saving the alert's clip failed", machine)
                 clip_error = f"clip not saved: {type(exc).__name__}: {exc}"
         event = AlertEvent(event_id, kind, self.topics.site, machine, iso_time(start), iso_time(end), score.fused,
-                           self.config.alerts.threshold, backbone_scores(score), score.condition, clip, clip_error, rule)
+                           self.config.alerts.threshold, backbone_scores(score), score.condition, clip, clip_error, rule,
+                           severity or ("alarm" if kind == "raise" else "ok"))
         self.telemetry.alert(machine, kind)
         self.events.write("alert", alert=event)
         if self.publisher is not None:
@@ -182,14 +185,33 @@ class Outputs:
         console.warning("%-12s ALERT %s %s (%s, fused rank %.3f)%s", machine, kind.upper(), event_id, rule, score.fused, f", clip {clip}" if clip else f", no clip: {clip_error}")
         return event
 
-    def state(self, machine: str, state: MachineState, detail: str, event_id: str | None) -> None:
-        """A machine's new state: retained on MQTT, in the metrics and the event log."""
-        self.telemetry.set_state(machine, state)
-        self.events.write("state", machine=machine, state=state, detail=detail)
+    def state(self, machine: str, state: MachineState, detail: str, event_id: str | None, *,
+              severity: Severity = "ok", health: Mapping[str, float | None] | None = None, since: float | None = None,
+              change: str = "state") -> None:
+        """A machine's state message, retained on MQTT. ``change`` says why it goes out: a new
+        state (also in the metrics, the event log and the journal), or the same state again with
+        a new ``severity`` or new ``health`` figures (those are reported by :meth:`severity` and
+        :meth:`health_trend`). ``since``: when the state began (default now)."""
+        if change == "state":
+            self.telemetry.set_state(machine, state)
+            self.events.write("state", machine=machine, state=state, detail=detail)
+            log.info("%s: state %s (%s)", machine, state, detail)
         if self.publisher is not None:
-            message = StateMessage(self.topics.site, machine, state, iso_time(time.time()), detail, event_id)
+            message = StateMessage(self.topics.site, machine, state, iso_time(time.time() if since is None else since),
+                                   detail, event_id, severity, dict(health or {}))
             self.publisher.publish_reliable(self.topics.state(machine), message.to_json(), retain=True)
-        log.info("%s: state %s (%s)", machine, state, detail)
+
+    def severity(self, machine: str, level: Severity) -> None:
+        """A machine's new severity level: in the metrics, the event log and the journal (the
+        machine re-sends its state message with it; a level change never raises an alert)."""
+        self.telemetry.set_severity(machine, level)
+        self.events.write("severity", machine=machine, severity=level)
+        log.log(logging.WARNING if level == "warning" else logging.INFO, "%s: severity %s", machine, level)
+
+    def health_trend(self, machine: str, anomalous_1h: float | None, anomalous_24h: float | None,
+                     rank_ewma: float | None) -> None:
+        """A machine's health figures after a scored window (monitor/service/health.py): the gauges."""
+        self.telemetry.set_health_trend(machine, anomalous_1h, anomalous_24h, rank_ewma)
 
     def health(self, message: HealthMessage) -> None:
         """Whether the daemon keeps up: retained on MQTT, in the metrics, the event log and

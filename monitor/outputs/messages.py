@@ -30,6 +30,9 @@ WINDOW_STATUSES: tuple[str, ...] = get_args(WindowStatus)
 AlertType = Literal["raise", "clear"]
 ALERT_TYPES: tuple[str, ...] = get_args(AlertType)
 ALERT_RULES: tuple[str, ...] = get_args(AlertRule)
+# How worried to be about a machine (monitor/service/severity.py): alarm while an alert is open.
+Severity = Literal["ok", "warning", "alarm"]
+SEVERITIES: tuple[str, ...] = get_args(Severity)
 DaemonStatus = Literal["ok", "degraded"]  # whether the daemon keeps up with its machines
 # A person's answer to an alert (monitor/review/): a false alarm, a confirmed fault, or unsure.
 VerdictName = Literal["normal", "fault", "unsure"]
@@ -79,6 +82,7 @@ class AlertEvent(_Payload):
     clip: str | None  # FLAC of the alarming window, or None
     clip_error: str | None = None  # why no clip was saved (disk full, disabled, ...)
     rule: AlertRule = "n_of_m"  # the rule that raised the episode
+    severity: Severity = "alarm"  # the machine's level after it: alarm on a raise (added within /1)
     schema: str = ALERT_SCHEMA
 
 
@@ -100,7 +104,14 @@ class ScoreMessage(_Payload):
 
 @dataclass(frozen=True)
 class StateMessage(_Payload):
-    """A machine's current state, retained so a new subscriber learns it at once."""
+    """A machine's current state, retained so a new subscriber learns it at once.
+
+    ``severity`` (ok, warning, alarm) and ``health`` (``anomalous_ratio_1h``,
+    ``anomalous_ratio_24h``, ``rank_ewma``; each None until a scored window) were added after
+    the first release of ``asd.state/1``, as ``AlertEvent.rule`` was: an added field changes no
+    existing field's meaning and subscribers ignore fields they do not know, so the schema
+    version stays. The message is re-sent (same ``state`` and ``since``) when the severity
+    changes, and when a health figure moved by 0.01, at most every 5 minutes."""
 
     site: str
     machine: str
@@ -108,6 +119,8 @@ class StateMessage(_Payload):
     since: str
     detail: str = ""
     event_id: str | None = None  # the open alert's id while state == "alert"
+    severity: Severity = "ok"
+    health: dict[str, float | None] = field(default_factory=dict)
     schema: str = STATE_SCHEMA
 
 
@@ -204,5 +217,8 @@ class Topics:
         """Replies to commands (outside ``cmd/`` so the daemon never receives its own)."""
         return f"{self.prefix}/{self.site}/{machine}/reply/{command}"
 
-    def discovery(self, discovery_prefix: str, machine: str) -> str:
-        return f"{discovery_prefix}/binary_sensor/{self.prefix}_{self.site}_{machine}/config"
+    def discovery(self, discovery_prefix: str, machine: str, component: str = "binary_sensor", key: str = "") -> str:
+        """Home Assistant's ``<discovery_prefix>/<component>/<object id>/config``; ``key`` tells
+        a machine's several entities of one component apart."""
+        suffix = f"_{key}" if key else ""
+        return f"{discovery_prefix}/{component}/{self.prefix}_{self.site}_{machine}{suffix}/config"

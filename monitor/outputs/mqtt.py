@@ -415,3 +415,38 @@ def discovery_payload(topics: Topics, machine: str, discovery_prefix: str) -> tu
         },
     }
     return topics.discovery(discovery_prefix, machine), json.dumps(config, sort_keys=True)
+
+
+def _sensor(topics: Topics, machine: str, discovery_prefix: str, key: str, name: str, template: str,
+            **extra: Any) -> tuple[str, str]:
+    object_id = f"{topics.prefix}_{topics.site}_{machine}"
+    config = {
+        "name": name,
+        "unique_id": f"{object_id}_{key}",
+        "state_topic": topics.state(machine),
+        "value_template": template,
+        "availability_topic": topics.status(),
+        "payload_available": messages.ONLINE,
+        "payload_not_available": messages.OFFLINE,
+        # The same device as the binary sensor: Home Assistant groups the three entities.
+        "device": {"identifiers": [object_id], "name": machine, "model": "Acoustic anomaly detection"},
+        **extra,
+    }
+    return topics.discovery(discovery_prefix, machine, "sensor", key), json.dumps(config, sort_keys=True)
+
+
+def discovery_payloads(topics: Topics, machine: str, discovery_prefix: str) -> list[tuple[str, str]]:
+    """Every Home Assistant discovery message of one machine, as (topic, JSON): the ``problem``
+    binary sensor of :func:`discovery_payload`, a ``sensor`` for the severity level (ok, warning,
+    alarm; an enum) and one for the health figure ``anomalous_ratio_1h`` in % (a measurement, so
+    Home Assistant keeps its long-term statistics), all read from the retained state message and
+    unavailable while the daemon is offline. The daemon publishes them retained at start."""
+    severity = _sensor(topics, machine, discovery_prefix, "severity", "Severity",
+                       "{{ value_json.severity | default('ok') }}", device_class="enum",
+                       options=list(messages.SEVERITIES), icon="mdi:alert-decagram")
+    # None before the first scored window: HA shows "unknown" rather than a made-up 0 %.
+    health = _sensor(topics, machine, discovery_prefix, "anomalous_1h", "Anomalous windows (1 h)",
+                     "{% set r = (value_json.health | default({})).anomalous_ratio_1h | default(none) %}"
+                     "{{ (r * 100) | round(1) if r is not none else none }}",
+                     unit_of_measurement="%", state_class="measurement", icon="mdi:heart-pulse")
+    return [discovery_payload(topics, machine, discovery_prefix), severity, health]

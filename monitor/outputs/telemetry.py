@@ -34,6 +34,7 @@ from monitor.errors import TelemetryError
 from monitor.outputs.messages import (
     ALERT_TYPES,
     MACHINE_STATES,
+    SEVERITIES,
     VERDICTS,
     WINDOW_STATUSES,
     BackboneScore,
@@ -129,6 +130,15 @@ class Telemetry:
         self._mqtt_published = Counter("asd_mqtt_published", "Messages delivered to the MQTT broker.", registry=r)
         self._state = Gauge(
             "asd_machine_state", "Current state per machine: 1 for the state it is in, 0 for the others.", ["machine", "state"], registry=r)
+        self._severity = Gauge(
+            "asd_severity", "Current severity per machine: 1 for its level (ok, warning: windows crossing alerts.warning_threshold, alarm: an alert open), 0 for the others.",
+            ["machine", "level"], registry=r)
+        self._health_ratio = Gauge(
+            "asd_health_anomalous_ratio", "Share of scored windows above the alert threshold that ended within the period (1h, 24h), per machine.",
+            ["machine", "period"], registry=r)
+        self._health_ewma = Gauge(
+            "asd_health_rank_ewma", "Exponentially weighted mean of the fused rank per machine, time constant 1 h (0..1).",
+            ["machine"], registry=r)
         self._enrollment_progress = Gauge(
             "asd_enrollment_progress_ratio", "Progress of the live enrollment running on a machine (0..1; 0 when none runs).",
             ["machine"], registry=r)
@@ -160,6 +170,7 @@ class Telemetry:
         for backbone in backbones:
             self._inference.labels(backbone)
         self.set_state(machine, "starting")
+        self.set_severity(machine, "ok")
 
     def enrollment(self, machine: str, progress: float, result: str | None = None) -> None:
         """Progress of a live enrollment, and one more window's outcome when given."""
@@ -247,6 +258,21 @@ class Telemetry:
         _check(state, MACHINE_STATES, "machine state")
         for candidate in MACHINE_STATES:
             self._state.labels(machine, candidate).set(1 if candidate == state else 0)
+
+    def set_severity(self, machine: str, level: str) -> None:
+        """Make ``level`` the machine's only severity reading 1 (the others read 0)."""
+        _check(level, SEVERITIES, "severity")
+        for candidate in SEVERITIES:
+            self._severity.labels(machine, candidate).set(1 if candidate == level else 0)
+
+    def set_health_trend(self, machine: str, anomalous_1h: float | None, anomalous_24h: float | None,
+                         rank_ewma: float | None) -> None:
+        """A machine's health figures (a None, before its first scored window, is left out)."""
+        for period, value in (("1h", anomalous_1h), ("24h", anomalous_24h)):
+            if value is not None:
+                self._health_ratio.labels(machine, period).set(value)
+        if rank_ewma is not None:
+            self._health_ewma.labels(machine).set(rank_ewma)
 
     @property
     def port(self) -> int | None:

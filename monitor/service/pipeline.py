@@ -108,15 +108,26 @@ class Pipeline:
         if score.fused < self.config.alerts.clear_threshold and not tracker.alerting:
             scorer.learn(score)
         self.outputs.scored(machine.name, start, end, score, anomalous)
+        # Severity and health (never an alert): both ride on the retained state message, so they
+        # are updated first and a state change in this window carries them in its one message.
+        health = machine.health.update(end, score.fused, anomalous)
+        self.outputs.health_trend(machine.name, health.anomalous_ratio_1h, health.anomalous_ratio_24h, health.rank_ewma)
+        severity = machine.severity.update(score.fused, tracker.alerting, self.config.alerts)
+        if severity is not None:
+            self.outputs.severity(machine.name, severity)
+        before = machine.state
         if transition is not None:
             self.outputs.alert(machine.name, transition.type, transition.event_id, transition.start, transition.end,
-                               score, samples, rate, transition.rule)
+                               score, samples, rate, transition.rule, machine.severity.level)
             if transition.type == "raise":
                 machine.set_state("alert", f"fused rank {score.fused:.3f}", transition.event_id)
             else:
                 machine.set_state("normal", f"cleared {transition.event_id}")
         elif not tracker.alerting and machine.state not in ("normal", "enrolling"):
             machine.set_state("normal")
+        if machine.state == before:  # no state message went out in this window
+            machine.set_severity(severity)
+        machine.health_moved(end)
 
     def _idle(self, machine: Machine, start: float, end: float) -> None:
         self.outputs.idle(machine.name, start, end)

@@ -30,7 +30,7 @@ from monitor.config import MqttConfig, TlsConfig
 from monitor.errors import MqttConfigError
 from monitor.outputs import messages
 from monitor.outputs.messages import StateMessage, Topics
-from monitor.outputs.mqtt import Publisher, discovery_payload
+from monitor.outputs.mqtt import Publisher, discovery_payload, discovery_payloads
 from monitor.outputs.outbox import Outbox
 
 if TYPE_CHECKING:
@@ -496,3 +496,49 @@ def test_discovery_payload_maps_the_alert_state_to_a_problem_sensor() -> None:
     for state, expected in [("alert", config["payload_on"]), ("normal", config["payload_off"]), ("sensor_fault", config["payload_off"])]:
         payload = StateMessage("plant1", "fan1", state, "2024-01-01T00:00:00.000Z").to_json()  # type: ignore[arg-type]
         assert template.render(value_json=json.loads(payload)) == expected
+
+
+# Keys of Home Assistant's MQTT discovery for a sensor (https://www.home-assistant.io/integrations/sensor.mqtt/),
+# the ones these payloads use; a misspelt key is ignored by Home Assistant without a word.
+HA_SENSOR_KEYS = {"name", "unique_id", "state_topic", "value_template", "availability_topic", "payload_available",
+                  "payload_not_available", "device", "unit_of_measurement", "device_class", "state_class", "options",
+                  "icon"}
+
+
+def _render(config: dict, state: StateMessage) -> str:
+    jinja2 = pytest.importorskip("jinja2")
+    return jinja2.Environment().from_string(config["value_template"]).render(value_json=json.loads(state.to_json()))
+
+
+def test_discovery_adds_severity_and_health_sensors_on_the_same_device() -> None:
+    payloads = discovery_payloads(TOPICS, "fan1", "homeassistant")
+    assert payloads[0] == discovery_payload(TOPICS, "fan1", "homeassistant")  # the binary sensor, unchanged
+    (severity_topic, severity_text), (health_topic, health_text) = payloads[1:]
+    assert severity_topic == "homeassistant/sensor/asd_plant1_fan1_severity/config"
+    assert health_topic == "homeassistant/sensor/asd_plant1_fan1_anomalous_1h/config"
+    binary = json.loads(payloads[0][1])
+    unique_ids = {binary["unique_id"]}
+    for text in (severity_text, health_text):
+        config = json.loads(text)
+        assert set(config) <= HA_SENSOR_KEYS, set(config) - HA_SENSOR_KEYS
+        assert config["name"] and config["state_topic"] == TOPICS.state("fan1")
+        assert config["availability_topic"] == TOPICS.status()
+        assert (config["payload_available"], config["payload_not_available"]) == (messages.ONLINE, messages.OFFLINE)
+        assert config["device"]["identifiers"] == binary["device"]["identifiers"]  # one device, three entities
+        assert config["unique_id"] not in unique_ids
+        unique_ids.add(config["unique_id"])
+    other = {json.loads(t)["unique_id"] for _topic, t in discovery_payloads(TOPICS, "fan2", "homeassistant")}
+    assert not other & unique_ids
+
+    severity, health = json.loads(severity_text), json.loads(health_text)
+    assert "unit_of_measurement" not in severity and severity["device_class"] == "enum"
+    assert set(severity["options"]) == {"ok", "warning", "alarm"}
+    assert health["unit_of_measurement"] == "%" and health["state_class"] == "measurement"
+    since = "2024-01-01T00:00:00.000Z"
+    for level in ("ok", "warning", "alarm"):
+        assert _render(severity, StateMessage("plant1", "fan1", "normal", since, severity=level)) == level  # type: ignore[arg-type]
+    figures = {"anomalous_ratio_1h": 0.1234, "anomalous_ratio_24h": 0.01, "rank_ewma": 0.5}
+    assert _render(health, StateMessage("plant1", "fan1", "normal", since, health=figures)) == "12.3"
+    # Before the first scored window: "None", which Home Assistant shows as unknown, not 0 %.
+    assert _render(health, StateMessage("plant1", "fan1", "starting", since)) == "None"
+    assert _render(health, StateMessage("plant1", "fan1", "starting", since, health={"anomalous_ratio_1h": None})) == "None"

@@ -73,6 +73,8 @@ def _drive(t: Telemetry) -> None:
     t.set_state("press-1", "normal")
     t.set_state("press-1", "alert")
     t.set_state("pump-2", "sensor_fault")
+    t.set_severity("press-1", "warning")
+    t.set_health_trend("press-1", 0.25, 0.05, 0.62)
 
 
 def test_every_metric_over_http(telemetry: Telemetry) -> None:
@@ -116,6 +118,13 @@ def test_every_metric_over_http(telemetry: Telemetry) -> None:
     for state in MACHINE_STATES:
         assert _value(s, "asd_machine_state", machine="press-1", state=state) == (state == "alert")
         assert _value(s, "asd_machine_state", machine="pump-2", state=state) == (state == "sensor_fault")
+    for level in ("ok", "warning", "alarm"):
+        assert _value(s, "asd_severity", machine="press-1", level=level) == (level == "warning")
+        assert _value(s, "asd_severity", machine="pump-2", level=level) == (level == "ok")  # from add_machine
+    assert _value(s, "asd_health_anomalous_ratio", machine="press-1", period="1h") == 0.25
+    assert _value(s, "asd_health_anomalous_ratio", machine="press-1", period="24h") == 0.05
+    assert _value(s, "asd_health_rank_ewma", machine="press-1") == 0.62
+    assert ("asd_health_rank_ewma", frozenset({("machine", "pump-2")})) not in s  # no scored window yet
     assert _value(s, "process_resident_memory_bytes") > 0
 
     telemetry.set_mqtt_connected(False)

@@ -40,7 +40,7 @@ from tests.daemons import clips, daemon_config, enroll, run_to_end, write_yaml
 from tests.synth import RATE, machine_sound, write_clip
 
 ALERT_FIELDS = {"schema", "event_id", "type", "site", "machine", "start", "end", "fused_rank", "threshold",
-                "backbones", "condition", "clip", "clip_error", "rule"}  # rule: added within asd.alert/1
+                "backbones", "condition", "clip", "clip_error", "rule", "severity"}  # rule, severity: added within asd.alert/1
 
 
 def alerts_of(received: list[tuple[bool, str, str]]) -> list[dict]:
@@ -56,6 +56,7 @@ def test_alert_reaches_an_independent_subscriber(tmp_path: Path, mosquitto) -> N
     assert [a["type"] for a in received] == ["raise", "clear"]
     raised, cleared = received
     assert set(raised) == ALERT_FIELDS and raised["schema"] == "asd.alert/1" and raised["rule"] == "n_of_m"
+    assert raised["severity"] == "alarm" and cleared["severity"] in ("ok", "warning")
     assert raised["event_id"] == cleared["event_id"] and raised["machine"] == "motor" and raised["site"] == "test"
     assert raised["fused_rank"] > 0.9 and raised["threshold"] == 0.9 and raised["condition"] == "default"
     assert set(raised["backbones"]) == {"aisfx"} and raised["backbones"]["aisfx"]["rank"] > 0.9
