@@ -27,8 +27,11 @@ alerts only bounds the rate: the table gives the 95 % upper bound (exact Poisson
 the share of normal windows above the threshold, which is measured far more precisely.
 
     .venv/bin/python benchmarks/false_alarms.py [--sets uav-noisy,fan-noisy] [--only test|long]
+        [--scoring candidate.yaml --name false_alarms_candidate]
 
-Results: ``benchmarks/results/false_alarms.json``.
+Results: ``benchmarks/results/false_alarms.json``. ``--scoring`` measures another setting on the
+same streams (its backbones, scoring, fusion and reference sections replace the defaults; the
+alert settings stay as listed); ``--name`` keeps its results apart.
 
 Part 2 (``--only long`` runs only it; ``--only test`` only part 1; default both): the longest normal stream the data allows.
 The test sets alone are 1/120 and 1/864 of a day, so for each set and each of ``--splits`` seeded
@@ -56,7 +59,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,8 @@ from common import (
     table,
     write_json,
 )
+
+from monitor.config import Config, load_config
 
 HOP = 10.0
 DAY = 86400.0
@@ -138,17 +143,17 @@ def machines_of(root: Path) -> list[MachineData]:
     return out
 
 
-def enroll(data: MachineData, bank_dir: Path, work: Path) -> dict:
-    """Enroll the train normals per domain; short clips are joined into one recording first."""
+def enroll(data: MachineData, bank_dir: Path, work: Path, base: Config) -> dict:
+    """Enroll the train normals per domain with ``base``'s backbones; short clips are joined
+    into one recording first."""
     import soundfile as sf
 
     from monitor.audio.files import load_audio
     from monitor.bank.store import BankStore
-    from monitor.config import Config
     from monitor.enrollment.files import enroll_files
     from monitor.scoring.detector import Detector
 
-    detector = Detector.from_config(Config())
+    detector = Detector.from_config(base)
     store = BankStore(bank_dir)
     joined = []
     began = time.perf_counter()
@@ -167,11 +172,11 @@ def enroll(data: MachineData, bank_dir: Path, work: Path) -> dict:
 
 # ------------------------------------------------------------------------------- runs
 
-def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine: str) -> dict:
-    """One real daemon run over ``paths``; per-window scores and the alerts it raised."""
+def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine: str, base: Config) -> dict:
+    """One real daemon run over ``paths`` (``base``'s backbones, scoring and fusion); per-window
+    scores and the alerts it raised."""
     from monitor.config import (
         AlertConfig,
-        Config,
         DaemonConfig,
         MachineConfig,
         MetricsConfig,
@@ -181,7 +186,8 @@ def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine
     from monitor.service.daemon import Daemon
 
     shutil.rmtree(state, ignore_errors=True)
-    config = Config(
+    config = replace(
+        base,
         alerts=AlertConfig(**alerts),
         daemon=DaemonConfig(name="false-alarms", state_dir=state, hop_seconds=HOP),
         sources=[SourceConfig(name="replay", type="file", paths=paths, speed=1000.0)],
@@ -303,7 +309,7 @@ def long_summary(runs: list[dict]) -> dict:
             "split_flagged_share_range": [min(share), max(share)]}
 
 
-def run_long(present: list[str], bench: Path, splits: int, seed: int) -> None:
+def run_long(present: list[str], bench: Path, splits: int, seed: int, base: Config, results_name: str) -> None:
     memoise_embeddings()
     work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-long-"))
     results: dict = {"hop_s": HOP, "splits": splits, "seed": seed,
@@ -328,9 +334,9 @@ def run_long(present: list[str], bench: Path, splits: int, seed: int) -> None:
                                 "stream_clips": len(stream),
                                 "stream_domains": {d: sum(data.domain[p] == d for p in stream)
                                                    for d in sorted(bank_paths)},
-                                "bank": enroll(split_data, bank, work), "rules": {}}
+                                "bank": enroll(split_data, bank, work, base), "rules": {}}
                         for label, alerts in LONG_RULES:
-                            run = replay(stream, bank, work / "state", alerts, data.name)
+                            run = replay(stream, bank, work / "state", alerts, data.name, base)
                             res = summarise(split_data, "normal", run, stream)
                             res.pop("ranks")
                             res["max_rank"] = max((w["fused_rank"] for w in run["windows"]
@@ -361,7 +367,7 @@ def run_long(present: list[str], bench: Path, splits: int, seed: int) -> None:
            "95% upper/day", "per split: per day", "per split: 95% upper"], rows,
           title=f"long normal stream: bank = half of each domain's normal clips, rest streamed; "
                 f"{splits} splits, seed {seed}")
-    write_json("false_alarms_long", results, load)
+    write_json(f"{results_name}_long", results, load)
 
 
 def main() -> int:
@@ -372,7 +378,17 @@ def main() -> int:
                         help="run only part 1 (test clips) or part 2 (long normal stream); default both")
     parser.add_argument("--splits", type=int, default=5, help="part 2: random bank splits per set")
     parser.add_argument("--seed", type=int, default=13, help="part 2: seed of the splits")
+    parser.add_argument("--scoring", type=Path, default=None,
+                        help="a YAML config whose backbones, scoring, fusion and reference sections replace the "
+                             "defaults (a candidate setting measured on the same streams)")
+    parser.add_argument("--name", default="false_alarms",
+                        help="results: benchmarks/results/NAME.json and NAME_long.json")
     args = parser.parse_args()
+    base = Config()
+    if args.scoring is not None:
+        chosen = load_config(args.scoring)
+        base = replace(base, backbones=chosen.backbones, scoring=chosen.scoring, fusion=chosen.fusion,
+                       reference=chosen.reference)
     logging.basicConfig(level=logging.WARNING)
 
     present = [s for s in args.sets.split(",") if s and (args.bench / s).is_dir()]
@@ -382,18 +398,18 @@ def main() -> int:
     if not present:
         print("no benchmark set found; nothing to do")
         if args.only != "long":
-            write_json("false_alarms", {"skipped": missing, "sets": {}})
+            write_json(args.name, {"skipped": missing, "sets": {}})
         if args.only != "test":
-            write_json("false_alarms_long", {"skipped": missing, "sets": {}})
+            write_json(f"{args.name}_long", {"skipped": missing, "sets": {}})
         return 0
     if args.only != "long":
-        run_test(present, missing, args.bench)
+        run_test(present, missing, args.bench, base, args.name)
     if args.only != "test":
-        run_long(present, args.bench, args.splits, args.seed)
+        run_long(present, args.bench, args.splits, args.seed, base, args.name)
     return 0
 
 
-def run_test(present: list[str], missing: list[str], bench: Path) -> None:
+def run_test(present: list[str], missing: list[str], bench: Path, base: Config, results_name: str) -> None:
     memoise_embeddings()
     work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-"))
     results: dict = {"hop_s": HOP, "settings": {label: s for label, s in SETTINGS}, "skipped": missing, "sets": {}}
@@ -404,14 +420,14 @@ def run_test(present: list[str], missing: list[str], bench: Path) -> None:
                 for data in machines_of(bench / name):
                     key = f"{name}/{data.name}"
                     bank = work / "banks" / key
-                    entry = {"bank": enroll(data, bank, work), "normal_clips": len(data.normal),
+                    entry = {"bank": enroll(data, bank, work, base), "normal_clips": len(data.normal),
                              "anomaly_clips": len(data.anomaly), "settings": {}}
                     print(f"{key}: bank {entry['bank']}", flush=True)
                     for label, alerts in SETTINGS:
                         t = time.perf_counter()
                         res = {}
                         for kind, paths in (("normal", data.normal), ("anomaly", data.anomaly)):
-                            run = replay(paths, bank, work / "state", alerts, data.name)
+                            run = replay(paths, bank, work / "state", alerts, data.name, base)
                             res[kind] = summarise(data, kind, run, paths)
                         res["seconds"] = round(time.perf_counter() - t, 1)
                         entry["settings"][label] = res
@@ -442,7 +458,9 @@ def run_test(present: list[str], missing: list[str], bench: Path) -> None:
         table(["setting", "normal flagged by domain", "anomalous flagged by domain"],
               [[label, res["normal"]["flagged_share_by_domain"], res["anomaly"]["flagged_share_by_domain"]]
                for label, res in entry["settings"].items()], title=f"{key}: by domain")
-    write_json("false_alarms", results, load)
+    results["scoring"] = {"backbones": [b.key for b in base.backbones], "normalisation": base.scoring.normalisation,
+                          "fusion": base.fusion.rule}
+    write_json(results_name, results, load)
 
 
 if __name__ == "__main__":
