@@ -92,6 +92,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.control: ControlServer | None = None
         self.outputs: Outputs | None = None  # from start()
+        self.banks: Banks | None = None  # from start()
         self.windows_processed = 0
         self._threads: list[threading.Thread] = []
         self._listeners: list[WindowListener] = []
@@ -327,7 +328,7 @@ class Daemon:
     def stop(self) -> None:
         self.notifier.stopping()
         self.stop_event.set()
-        if self.outputs is not None:
+        if self.banks is not None:
             self.banks.stop()
         for source in self.sources.values():
             source.stop()
