@@ -251,7 +251,6 @@ def cmd_review(args: argparse.Namespace) -> int:
         ReviewLog,
         check_verdict,
         describe,
-        events_path,
         find_alert,
         read_alerts,
     )
@@ -260,14 +259,14 @@ def cmd_review(args: argparse.Namespace) -> int:
     if args.target == "list":
         if args.verdict is not None or args.condition is not None or args.note is not None:
             raise UsageError("review list takes no verdict, --condition or --note")
-        return _list_reviews(read_alerts(events_path(config)), ReviewLog(config.daemon.resolved_state_dir()), args.all)
+        return _list_reviews(read_alerts(config.daemon.resolved_event_log()), ReviewLog(config.daemon.resolved_state_dir()), args.all)
     if args.all:
         raise UsageError("--all goes with: review list")
     if args.verdict not in VERDICTS:
         raise UsageError(f"review EVENT_ID needs a verdict: one of {', '.join(VERDICTS)}")
     _set_file_mode(config)
     verdict = check_verdict(args.target, args.verdict, args.condition, args.note, config.enrollment)
-    alert = find_alert(events_path(config), verdict.event_id)  # the machine it is for; unknown ids end here
+    alert = find_alert(config.daemon.resolved_event_log(), verdict.event_id)  # the machine it is for; unknown ids end here
     state_dir = config.daemon.resolved_state_dir()
     if config.enrollment.control_socket:
         from monitor.service.control import request
@@ -289,7 +288,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     if config.enrollment.control_socket:
         from monitor.outputs.events import EventLog
 
-        with EventLog(events_path(config)) as events:
+        with EventLog(config.daemon.resolved_event_log()) as events:
             events.write("review", machine=record.machine, event_id=record.event_id, verdict=record.verdict,
                          condition=record.condition, note=record.note, who=record.who, version=record.version)
     print(describe(applied.reply()))

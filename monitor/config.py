@@ -193,6 +193,10 @@ class MachineConfig:
     channel: int = field(default=0, metadata=_range(0))
     bank: Path | None = None  # default: <state_dir>/banks/<name>
 
+    def bank_dir(self, state_dir: Path) -> Path:
+        """Where this machine's bank lives (``bank``, default ``<state_dir>/banks/<name>``)."""
+        return self.bank or state_dir / "banks" / self.name
+
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -295,6 +299,10 @@ class DaemonConfig:
 
     def resolved_queue_size(self, machines: int) -> int:
         return self.queue_size or max(8, 2 * machines)
+
+    def resolved_event_log(self) -> Path:
+        """The JSONL event log (``event_log``, default ``<state_dir>/events.jsonl``)."""
+        return self.event_log or self.resolved_state_dir() / "events.jsonl"
 
     def resolved_state_dir(self) -> Path:
         if self.state_dir is not None:
@@ -450,12 +458,12 @@ def _check_config(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: machines[{i}].name: {machine.name!r} must not have outer spaces")
     state_dir = config.daemon.resolved_state_dir()
     _check_location(source, "daemon.state_dir", state_dir, directory=True)
-    _check_location(source, "daemon.event_log", config.daemon.event_log or state_dir / "events.jsonl", directory=False)
+    _check_location(source, "daemon.event_log", config.daemon.resolved_event_log(), directory=False)
     _check_location(source, "daemon.state_dir", state_dir / "clips", directory=True)
     if mqtt.enabled:
         _check_location(source, "daemon.state_dir", state_dir / "outbox.sqlite", directory=False)
     for i, machine in enumerate(config.machines):
-        _check_location(source, f"machines[{i}].bank", machine.bank or state_dir / "banks" / machine.name, directory=True)
+        _check_location(source, f"machines[{i}].bank", machine.bank_dir(state_dir), directory=True)
 
 
 def _check_topic(source: str, key: str, value: str, one_level: bool) -> None:

@@ -47,7 +47,6 @@ from monitor.review.verdicts import (
     ReviewLog,
     ReviewRecord,
     Verdict,
-    events_path,
     find_alert,
 )
 from monitor.scoring.detector import Detector
@@ -94,7 +93,7 @@ def bank_store(config: Config, machine: str) -> BankStore:
     """A configured machine's bank, where the daemon keeps it."""
     for entry in config.machines:
         if entry.name == machine:
-            return BankStore(entry.bank or config.daemon.resolved_state_dir() / "banks" / machine)
+            return BankStore(entry.bank_dir(config.daemon.resolved_state_dir()))
     raise CommandError(f"machine {machine!r} of the alert is not in the configuration")
 
 
@@ -136,7 +135,7 @@ class Reviewer:
                  store_of: Callable[[str], BankStore] | None = None) -> None:
         self.config = config
         self.state_dir = config.daemon.resolved_state_dir()
-        self.events = events_path(config)
+        self.events = config.daemon.resolved_event_log()
         self.clips_dir = self.state_dir / CLIPS_DIR
         self.log = ReviewLog(self.state_dir)
         self.detector = detector

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from monitor.config import DEFAULT_CONDITION, Config, EnrollmentConfig
+from monitor.config import DEFAULT_CONDITION, EnrollmentConfig
 from monitor.enrollment.live import (  # the same names and payload rules as enrollment
     CONDITION_RE,
     command_object,
@@ -120,10 +120,6 @@ class Alert:
                    alert.get("fused_rank"), alert.get("threshold"), alert.get("condition"), alert.get("clip"),
                    alert.get("clip_error"))
 
-
-def events_path(config: Config) -> Path:
-    """The daemon's event log (``daemon.event_log``, default ``<state_dir>/events.jsonl``)."""
-    return config.daemon.event_log or config.daemon.resolved_state_dir() / "events.jsonl"
 
 
 def event_logs(path: Path, backups: int = EVENT_LOG_BACKUPS) -> list[Path]:

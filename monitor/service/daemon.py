@@ -134,7 +134,7 @@ class Daemon:
         if cfg.mqtt.enabled:
             outbox = Outbox(self.state_dir / "outbox.sqlite", cfg.mqtt.outbox_max_messages)
             self.publisher = Publisher(cfg.mqtt, topics, outbox)
-        self.outputs = Outputs(cfg, topics, self.telemetry, EventLog(cfg.daemon.event_log or self.state_dir / "events.jsonl"),
+        self.outputs = Outputs(cfg, topics, self.telemetry, EventLog(cfg.daemon.resolved_event_log()),
                                ClipStore(self.state_dir / "clips", cfg.clips), self.publisher)
         for listener in self._listeners:
             self.outputs.add_listener(listener)
@@ -169,7 +169,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def _machine(self, cfg: MachineConfig) -> Machine:
-        store = BankStore(cfg.bank or self.state_dir / "banks" / cfg.name)
+        store = BankStore(cfg.bank_dir(self.state_dir))
         return Machine(cfg, self.sources[cfg.source], store, AlertTracker(cfg.name, self.config.alerts),
                        self.outputs.state)
 
