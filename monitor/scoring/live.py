@@ -39,8 +39,9 @@ class LiveScorer:
 
     @classmethod
     def fit(cls, models: Detector, bank: Bank, rolling_size: int, source_rate: int, what: str) -> LiveScorer:
-        """Fit a detector on ``models``' loaded backbones for ``bank`` (``check`` first)."""
-        cls.check(models, bank, source_rate, what)
+        """Fit a detector on ``models``' loaded backbones for ``bank``; refuses what ``check``
+        refuses (the rate here, the rest in ``Detector.fit``, which checks before fitting)."""
+        check_audio_rate(bank.recorded_rates, source_rate, models.model_rate, what)
         detector = models.unfitted()
         detector.fit(bank)
         return cls(detector, bank, rolling_size)
