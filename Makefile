@@ -15,7 +15,9 @@ $(VENV)/.runtime: pyproject.toml
 # torch is pinned to 2.13.0 (see pyproject.toml); aisfx carries the built-in CNN's weights and
 # pins an old numpy, hence --no-deps.
 $(VENV)/.test: $(VENV)/.runtime
-	$(PIP) -e '.[cpu,export,test]'
+	$(PIP) -e '.[cpu,export,test,opcua,sparkplug,web]'
+	# Sparkplug B payloads; it pins paho-mqtt<2 for its own client, which we do not use (see pyproject.toml).
+	$(PIP) --no-deps pysparkplug==0.6.1
 	$(PIP) --no-deps aisfx==0.1.2
 	# An independent BEATs implementation (ESPnet), for parity tests only; its torchaudio
 	# dependency is not installable beside torch 2.13 and is stubbed by the test.

@@ -75,7 +75,9 @@ SETS = ("uav-noisy", "fan-noisy")
 METRICS = ("mahalanobis", "cosine")
 RULES = ("mean", "max")
 WEIGHTS = ((1.0, 1.0), (2.0, 1.0), (1.0, 2.0))
-# The daemon's default (aisfx alone, Mahalanobis): every system's difference is measured to it.
+# The reference every system's difference is measured to: the daemon's default until issue 13
+# (aisfx alone, Mahalanobis). The default since, "aisfx.embedding-block3 mahalanobis density", was
+# chosen by its difference to this one; results/detection.json was measured against it.
 DEFAULT_SYSTEM = "aisfx mahalanobis"
 # Density-normalised KNN (scoring.normalisation: density) for these (model, metric) pairs, and
 # Z-MIN fusion (fusion.rule: zmin, computed by the detector from its bank) of these pairs, each

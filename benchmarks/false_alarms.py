@@ -48,6 +48,11 @@ the splits, so the pooled hours are not independent audio (the unique normal aud
 Results: ``benchmarks/results/false_alarms_long.json``.
 
     .venv/bin/python benchmarks/false_alarms.py --only long [--splits 5] [--seed 13]
+
+``--hop 5 --name false_alarms_hop5`` measures a shorter hop (overlapping windows): the alert
+rules' window counts, the clear count and the rolling reference are scaled to span the same
+stream time (``at_hop``); the long normal stream then re-measures the false alarms, since
+overlapping windows break the independence CUSUM's threshold assumes.
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -73,8 +77,9 @@ from common import (
 )
 
 from monitor.config import Config, load_config
+from monitor.review.report import poisson_upper
 
-HOP = 10.0
+HOP = 10.0  # the daemon's default hop; --hop measures another (see at_hop)
 DAY = 86400.0
 
 # (label, alert settings overriding the defaults)
@@ -92,22 +97,19 @@ SETTINGS: list[tuple[str, dict]] = [
 ]
 
 
-def poisson_upper(k: int, confidence: float = 0.95) -> float:
-    """Exact one-sided upper confidence bound of a Poisson mean after observing ``k`` events."""
-    alpha = 1.0 - confidence
+def at_hop(alerts: dict, hop: float) -> dict:
+    """Alert settings that span the same stream time at ``hop`` as at ``HOP``: the N-of-M
+    counts and the clear count scaled by HOP / hop (3 of 5 windows at 10 s: 6 of 10 at 5 s).
+    CUSUM needs nothing: it turns its false-alarm target in days into windows at the hop, but
+    overlapping windows are not independent, so its false-alarm rate has to be measured again
+    (part 2) rather than taken from the target."""
+    from monitor.config import AlertConfig
 
-    def cdf(lam: float) -> float:
-        term, total = math.exp(-lam), math.exp(-lam)
-        for i in range(1, k + 1):
-            term *= lam / i
-            total += term
-        return total
-
-    low, high = 0.0, 10.0 + 5.0 * k
-    for _ in range(100):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cdf(mid) > alpha else (low, mid)
-    return high
+    if hop == HOP:
+        return alerts
+    defaults = AlertConfig()
+    return alerts | {key: max(1, round(alerts.get(key, getattr(defaults, key)) * HOP / hop))
+                     for key in ("raise_count", "raise_window", "clear_count")}
 
 
 # ------------------------------------------------------------------------------ data
@@ -188,8 +190,8 @@ def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine
     shutil.rmtree(state, ignore_errors=True)
     config = replace(
         base,
-        alerts=AlertConfig(**alerts),
-        daemon=DaemonConfig(name="false-alarms", state_dir=state, hop_seconds=HOP),
+        alerts=AlertConfig(**at_hop(alerts, base.daemon.hop_seconds)),
+        daemon=DaemonConfig(name="false-alarms", state_dir=state, hop_seconds=base.daemon.hop_seconds),
         sources=[SourceConfig(name="replay", type="file", paths=paths, speed=1000.0)],
         machines=[MachineConfig(machine, "replay", bank=bank_dir)],
         mqtt=MqttConfig(enabled=False),
@@ -215,7 +217,7 @@ def replay(paths: list[Path], bank_dir: Path, state: Path, alerts: dict, machine
     alerts_out = [e["alert"] for e in events if e["kind"] == "alert"]
     for w in windows:
         w["offset_s"] = round(w.pop("start") - source_start, 3)
-    return {"windows": windows, "alerts": alerts_out}
+    return {"windows": windows, "alerts": alerts_out, "source_start": source_start}
 
 
 def clip_of_window(offsets: list[float], paths: list[Path], seconds: dict[Path, float]) -> list[list[Path]]:
@@ -312,7 +314,7 @@ def long_summary(runs: list[dict]) -> dict:
 def run_long(present: list[str], bench: Path, splits: int, seed: int, base: Config, results_name: str) -> None:
     memoise_embeddings()
     work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-long-"))
-    results: dict = {"hop_s": HOP, "splits": splits, "seed": seed,
+    results: dict = {"hop_s": base.daemon.hop_seconds, "splits": splits, "seed": seed,
                      "bank": "half of each domain's normal clips (train + test pooled), rounded down",
                      "rules": {label: r for label, r in LONG_RULES}, "sets": {}}
     started = time.perf_counter()
@@ -355,6 +357,8 @@ def run_long(present: list[str], bench: Path, splits: int, seed: int, base: Conf
         shutil.rmtree(work, ignore_errors=True)
     results["total_s"] = round(time.perf_counter() - started, 1)
     results["embedding_memo"] = dict(memo_stats)
+    results["scoring"] = {"backbones": [b.key for b in base.backbones], "normalisation": base.scoring.normalisation,
+                          "fusion": base.fusion.rule}
 
     rows = []
     for key, entry in results["sets"].items():
@@ -383,12 +387,17 @@ def main() -> int:
                              "defaults (a candidate setting measured on the same streams)")
     parser.add_argument("--name", default="false_alarms",
                         help="results: benchmarks/results/NAME.json and NAME_long.json")
+    parser.add_argument("--hop", type=float, default=HOP,
+                        help=f"seconds between windows (default {HOP:g}); window counts of the alert rules and "
+                             "the rolling reference are scaled to span the same time")
     args = parser.parse_args()
     base = Config()
     if args.scoring is not None:
         chosen = load_config(args.scoring)
         base = replace(base, backbones=chosen.backbones, scoring=chosen.scoring, fusion=chosen.fusion,
                        reference=chosen.reference)
+    base = replace(base, daemon=replace(base.daemon, hop_seconds=args.hop),
+                   reference=replace(base.reference, rolling_size=round(base.reference.rolling_size * HOP / args.hop)))
     logging.basicConfig(level=logging.WARNING)
 
     present = [s for s in args.sets.split(",") if s and (args.bench / s).is_dir()]
@@ -412,7 +421,7 @@ def main() -> int:
 def run_test(present: list[str], missing: list[str], bench: Path, base: Config, results_name: str) -> None:
     memoise_embeddings()
     work = Path(tempfile.mkdtemp(prefix="asd-bench-fa-"))
-    results: dict = {"hop_s": HOP, "settings": {label: s for label, s in SETTINGS}, "skipped": missing, "sets": {}}
+    results: dict = {"hop_s": base.daemon.hop_seconds, "settings": {label: s for label, s in SETTINGS}, "skipped": missing, "sets": {}}
     started = time.perf_counter()
     try:
         with LoadMonitor() as load:

@@ -144,6 +144,9 @@ def _score_rows(detector: Detector, paths: list[Path]) -> list[dict]:
 def cmd_score(args: argparse.Namespace) -> int:
     detector = Detector.from_config(_config(args))
     detector.fit(BankStore(args.bank).load())
+    notice = detector.reenroll_notice(args.bank)
+    if notice:
+        log.warning("%s", notice)
     threshold = detector.config.alerts.threshold
     rows = _score_rows(detector, find_audio(args.paths))
     if args.json:
@@ -151,7 +154,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     from monitor.offline.report import format_table
 
-    names = list(detector.model_ids)
+    names = list(detector.scored)  # what the bank served (an earlier bank: the backbone of its time)
     table = [{"file": Path(r["file"]).name, **{f"{n} score": r["backbones"].get(n, {}).get("score", "") for n in names},
               **{f"{n} rank": r["backbones"].get(n, {}).get("rank", "") for n in names},
               "fused": "" if r["fused_rank"] is None else r["fused_rank"],
@@ -256,12 +259,17 @@ def cmd_review(args: argparse.Namespace) -> int:
     )
 
     config = _required_config(args, "review")
+    if args.target in ("list", "report") and (args.verdict is not None or args.condition is not None
+                                              or args.note is not None):
+        raise UsageError(f"review {args.target} takes no verdict, --condition or --note")
+    if args.target != "report" and (args.machine or args.days is not None or args.budget is not None or args.out):
+        raise UsageError("--machine, --days, --budget and --out go with: review report")
     if args.target == "list":
-        if args.verdict is not None or args.condition is not None or args.note is not None:
-            raise UsageError("review list takes no verdict, --condition or --note")
         return _list_reviews(read_alerts(config.daemon.resolved_event_log()), ReviewLog(config.daemon.resolved_state_dir()), args.all)
     if args.all:
         raise UsageError("--all goes with: review list")
+    if args.target == "report":
+        return _site_reports(config, args)
     if args.verdict not in VERDICTS:
         raise UsageError(f"review EVENT_ID needs a verdict: one of {', '.join(VERDICTS)}")
     _set_file_mode(config)
@@ -292,6 +300,35 @@ def cmd_review(args: argparse.Namespace) -> int:
             events.write("review", machine=record.machine, event_id=record.event_id, verdict=record.verdict,
                          condition=record.condition, note=record.note, who=record.who, version=record.version)
     print(describe(applied.reply()))
+    return 0
+
+
+def _site_reports(config: Config, args: argparse.Namespace) -> int:
+    """``review report``: each machine's threshold table from its reviews and window history
+    (``monitor/review/report.py``), printed, and written as JSON and a plot."""
+    from monitor.review.report import (
+        DEFAULT_BUDGET,
+        DEFAULT_DAYS,
+        REPORTS_DIR,
+        build_report,
+        format_report,
+        write_report,
+    )
+
+    names = [m.name for m in config.machines]
+    if args.machine and args.machine not in names:
+        raise UsageError(f"unknown machine {args.machine!r} (configured: {', '.join(names) or 'none'})")
+    days = DEFAULT_DAYS if args.days is None else args.days
+    budget = DEFAULT_BUDGET if args.budget is None else args.budget
+    if not days > 0 or not budget >= 0:
+        raise UsageError(f"--days must be > 0 and --budget >= 0, got {days} and {budget}")
+    out = args.out or config.daemon.resolved_state_dir() / REPORTS_DIR
+    window_seconds = Detector.from_config(config).window_seconds
+    for name in [args.machine] if args.machine else names:
+        report = build_report(config, name, window_seconds, days=days, budget_per_day=budget)
+        print(format_report(report))
+        data, picture = write_report(report, out)
+        print(f"written: {data}, {picture}\n")
     return 0
 
 
@@ -380,7 +417,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
         backbones = {n: {"model_id": bank.model_ids[n], "dim": bank.dims[n]} for n in bank.backbones}
         print(json.dumps({"version": bank.version, "current": store.current(), "created": bank.created,
                           "parent": bank.parent, "note": bank.note, "windows": len(bank), "conditions": counts,
-                          "recorded_at_hz": sorted(bank.recorded_rates), "backbones": backbones}, indent=2))
+                          "recorded_at_hz": sorted(bank.recorded_rates), "backbones": backbones,
+                          "outputs": bank.outputs}, indent=2))
         return 0
     if action == "rollback":
         target = args.version or _previous_version(store)
@@ -409,7 +447,9 @@ def cmd_bank(args: argparse.Namespace) -> int:
         version = store.export(args.file, args.version)
         print(f"bank {args.bank}: exported {version} to {args.file}")
         return 0
-    version = store.import_archive(args.file, args.replace_models)
+    # With --config, the archive must hold the models that box scores with (loaded for their ids).
+    check = Detector.from_config(load_config(args.config)).check if args.config else None
+    version = store.import_archive(args.file, args.replace_models, check=check, config_source=str(args.config))
     print(f"bank {args.bank}: imported {args.file} as {version} (now current)")
     return 0
 
@@ -479,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rollback", "make an earlier version current (default: the current one's parent)"),
                        ("use", "make a given version current (also repairs a bank whose CURRENT file was lost)"),
                        ("prune", "delete old versions"), ("export", "write a version as .tar.gz"),
-                       ("import", "add an exported version as the new current one"),
+                       ("import", "add an exported version as the new current one (bank -c CONFIG import: refused "
+                                  "unless it holds that config's models)"),
                        ("compact", "new version with each large condition as k-means centroids (measured to cost "
                                    "detection quality: for size, see README)")):
         q = bank_sub.add_parser(name, help=text)
@@ -510,14 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_enroll_live)
 
     p = sub.add_parser("review", parents=[common], usage="%(prog)s [-c CONFIG] EVENT_ID {normal,fault,unsure} "
-                       "[--condition NAME] [--note TEXT] | list [--all]",
+                       "[--condition NAME] [--note TEXT] | list [--all] | report [--machine M] [--days D] "
+                       "[--budget N] [--out DIR]",
                        help="answer an alert: normal (false alarm, enrolled), fault (confirmed, kept) or unsure; "
-                            "or list the alerts to answer")
-    p.add_argument("target", metavar="EVENT_ID|list", help="the alert's event id, or 'list'")
+                            "list the alerts to answer; or report what the reviews say about the threshold")
+    p.add_argument("target", metavar="EVENT_ID|list|report", help="the alert's event id, 'list' or 'report'")
     p.add_argument("verdict", nargs="?", metavar="VERDICT", help=f"one of {', '.join(VERDICTS)}")
     p.add_argument("--condition", help="operating condition a false alarm's clip is enrolled under (default: default)")
     p.add_argument("--note", help="a word on the verdict, kept with it")
     p.add_argument("--all", action="store_true", help="with list: every alert, with its verdict")
+    p.add_argument("--machine", help="with report: only this machine (default: every configured one)")
+    p.add_argument("--days", type=float, help="with report: days of window history to count false alarms on (default 7)")
+    p.add_argument("--budget", type=float, help="with report: false alarms per day the suggested threshold may give "
+                                                "(default 0.1)")
+    p.add_argument("--out", type=Path, help="with report: folder for <machine>.json and .png (default: STATE_DIR/reports)")
     p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("run", parents=[common], help="run the monitoring daemon (the product)")

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -83,9 +84,9 @@ class ScoringConfig:
     # noise is at most this share of its distance to the running machine (monitor/scoring/idle.py).
     idle_margin: float = field(default=0.5, metadata=_range(0.0, 1.0, exclusive_min=True))
     # density: each distance divided by the mean own-distance (leave-one-out, within the
-    # condition) of the neighbours it was measured to (monitor/scoring/knn.py). Off by default:
-    # not shown to help on both benchmark sets (README).
-    normalisation: Normalisation = "none"
+    # condition) of the neighbours it was measured to (monitor/scoring/knn.py). The default with
+    # aisfx's embedding+block3: it helped on one benchmark set and held on the other (README).
+    normalisation: Normalisation = "density"
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,40 @@ class MqttConfig:
     # authentication and ACLs decide who may publish there, and a token file adds a shared secret.
     commands: bool = False
     command_token_file: Path | None = None
+    # With discovery and commands on, Home Assistant gets buttons that answer the last alert. Its
+    # discovery payloads are retained for any subscriber to read, so a token never goes in them:
+    # with a token file, the buttons read the token from this Home Assistant entity (e.g. an
+    # input_text in password mode holding it), and without one there are no buttons.
+    homeassistant_token_entity: str | None = None
+
+
+@dataclass(frozen=True)
+class SparkplugConfig:
+    """A Sparkplug B edge node (monitor/outputs/sparkplug.py, the optional extra ``sparkplug``):
+    one edge node per daemon, one device per machine, on a second MQTT connection of its own
+    (Sparkplug's NDEATH must be that connection's will). The broker and credentials are those of
+    ``mqtt`` unless given here. ``group_id`` defaults to ``mqtt.site``, ``edge_node_id`` to
+    ``daemon.name``."""
+
+    enabled: bool = False
+    group_id: str | None = None
+    edge_node_id: str | None = None
+    host: str | None = None
+    port: int | None = field(default=None, metadata=_range(1, 65535))
+    client_id: str | None = None  # default: spb-<edge node id>-<host name>
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: TlsConfig | None = None
+
+    def broker(self, mqtt: MqttConfig) -> MqttConfig:
+        """``mqtt`` with this section's overrides: the connection settings the node uses."""
+        credentials = self.username is not None or self.password_file is not None or self.password_env is not None
+        return dataclasses.replace(
+            mqtt, host=self.host or mqtt.host, port=self.port or mqtt.port, tls=self.tls or mqtt.tls,
+            username=self.username if credentials else mqtt.username,
+            password_file=self.password_file if credentials else mqtt.password_file,
+            password_env=self.password_env if credentials else mqtt.password_env)
 
 
 @dataclass(frozen=True)
@@ -237,6 +272,22 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = field(default=9464, metadata=_range(0, 65535))
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The local review page (monitor/web): off unless enabled, on loopback by default.
+
+    Posting a verdict needs the token in ``token_file`` (sent as ``Authorization: Bearer``),
+    read at each post like ``mqtt.command_token_file``; without ``token_file`` the page uses
+    ``mqtt.command_token_file``, and with neither it is read-only. Unlike MQTT, where the
+    broker's ACLs may be the only guard, nothing else stands between a local page and any
+    process or browser tab on the box, so a page without a token never takes verdicts."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = field(default=9465, metadata=_range(0, 65535))  # 0: any free port (tests)
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -322,8 +373,33 @@ class RuntimeConfig:
     compute_threads: int = field(default=1, metadata=_range(0))
 
 
+OpcUaSecurity = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
+
+
+@dataclass(frozen=True)
+class OpcUaConfig:
+    """The OPC UA server for SCADA/MES (monitor/outputs/opcua.py, the optional extra ``opcua``).
+
+    Off unless enabled, on loopback by default: a plant network reaches it only when the
+    endpoint says so. The password is read from ``password_file``, never from this file;
+    anonymous sessions only with ``allow_anonymous``. With ``security_policy: None`` a password
+    crosses the network in clear, so a non-loopback endpoint wants a Basic256Sha256 policy
+    (which needs ``certificate_file`` and ``private_key_file``)."""
+
+    enabled: bool = False
+    endpoint: str = "opc.tcp://127.0.0.1:4840/asd/"  # port 0: any free port (tests)
+    namespace: str = "urn:asd-monitor:opcua"
+    security_policy: OpcUaSecurity = "None"
+    certificate_file: Path | None = None  # DER or PEM
+    private_key_file: Path | None = None  # PEM
+    username: str | None = None
+    password_file: Path | None = None
+    allow_anonymous: bool = False
+
+
 def _default_backbones() -> list[BackboneConfig]:
-    return [BackboneConfig("aisfx")]
+    # aisfx's embedding and its third block from one inference (README: detection).
+    return [BackboneConfig("aisfx", output="embedding+block3")]
 
 
 @dataclass(frozen=True)
@@ -342,6 +418,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
+    sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -438,8 +517,16 @@ def _check_config(config: Config, source: str) -> None:
         if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", entry.daily_at):
             raise ConfigError(f"{source}: enrollment.schedule[{i}].daily_at: expected HH:MM, got {entry.daily_at!r}")
     mqtt = config.mqtt
+    if config.web.token_file is not None and not config.web.token_file.is_file():
+        raise ConfigError(f"{source}: web.token_file: {config.web.token_file} does not exist")
+    if not config.web.host.strip():
+        raise ConfigError(f"{source}: web.host: must name an address to listen on (e.g. 127.0.0.1)")
     if mqtt.command_token_file is not None and not mqtt.command_token_file.is_file():
         raise ConfigError(f"{source}: mqtt.command_token_file: {mqtt.command_token_file} does not exist")
+    entity = mqtt.homeassistant_token_entity
+    if entity is not None and not re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", entity):
+        raise ConfigError(f"{source}: mqtt.homeassistant_token_entity: expected a Home Assistant entity id "
+                          f"such as input_text.asd_token, got {entity!r}")
     if mqtt.password_file is not None and not mqtt.password_file.is_file():
         raise ConfigError(f"{source}: mqtt.password_file: {mqtt.password_file} does not exist")
     if mqtt.password_file is not None and mqtt.password_env is not None:
@@ -448,6 +535,8 @@ def _check_config(config: Config, source: str) -> None:
         path = getattr(mqtt.tls, key)
         if path is not None and not path.is_file():
             raise ConfigError(f"{source}: mqtt.tls.{key}: {path} does not exist")
+    _check_opcua(source, config.opcua)
+    _check_sparkplug(source, config.sparkplug)
     _check_topic(source, "daemon.name", config.daemon.name, one_level=True)
     _check_topic(source, "mqtt.site", mqtt.site, one_level=True)
     _check_topic(source, "mqtt.topic_prefix", mqtt.topic_prefix, one_level=False)
@@ -464,6 +553,44 @@ def _check_config(config: Config, source: str) -> None:
         _check_location(source, "daemon.state_dir", state_dir / "outbox.sqlite", directory=False)
     for i, machine in enumerate(config.machines):
         _check_location(source, f"machines[{i}].bank", machine.bank_dir(state_dir), directory=True)
+
+
+def _check_opcua(source: str, opcua: OpcUaConfig) -> None:
+    """What can be known before the server starts; a certificate that does not load or a port
+    that is taken is found when it starts (still before any audio)."""
+    endpoint = urlsplit(opcua.endpoint)
+    try:
+        port = endpoint.port
+    except ValueError:
+        port = None
+    if endpoint.scheme != "opc.tcp" or not endpoint.hostname or port is None:
+        raise ConfigError(f"{source}: opcua.endpoint: expected opc.tcp://HOST:PORT/PATH, got {opcua.endpoint!r}")
+    for key in ("certificate_file", "private_key_file", "password_file"):
+        path = getattr(opcua, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{source}: opcua.{key}: {path} does not exist")
+    if opcua.security_policy != "None" and (opcua.certificate_file is None or opcua.private_key_file is None):
+        raise ConfigError(f"{source}: opcua.security_policy: {opcua.security_policy} needs certificate_file and private_key_file")
+    if (opcua.username is None) != (opcua.password_file is None):
+        raise ConfigError(f"{source}: opcua.password_file: give username and password_file together")
+    if opcua.enabled and opcua.username is None and not opcua.allow_anonymous:
+        raise ConfigError(f"{source}: opcua.allow_anonymous: nobody could log in: set opcua.username and "
+                          "opcua.password_file, or allow_anonymous: true")
+
+
+def _check_sparkplug(source: str, sparkplug: SparkplugConfig) -> None:
+    """Sparkplug ids are topic levels (no ``/``, ``+``, ``#``); files named must exist."""
+    for key in ("group_id", "edge_node_id"):
+        value = getattr(sparkplug, key)
+        if value is not None:
+            _check_topic(source, f"sparkplug.{key}", value, one_level=True)
+    if sparkplug.password_file is not None and sparkplug.password_env is not None:
+        raise ConfigError(f"{source}: sparkplug.password_env: give password_file or password_env, not both")
+    files = {"password_file": sparkplug.password_file}
+    files |= {f"tls.{key}": getattr(sparkplug.tls, key) for key in ("ca_file", "cert_file", "key_file")} if sparkplug.tls else {}
+    for key, path in files.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{source}: sparkplug.{key}: {path} does not exist")
 
 
 def _check_topic(source: str, key: str, value: str, one_level: bool) -> None:

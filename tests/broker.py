@@ -45,6 +45,9 @@ class Broker:
     users: dict[str, str] = field(default_factory=dict)  # empty: anonymous access
     tls: tuple[Path, Path] | None = None  # (certificate, key): the listener speaks TLS only
     process: subprocess.Popen | None = None
+    # mosquitto.conf lines appended after the generated ones, as a conf.d file would be (its
+    # settings win over the defaults above): a bridge, queue limits (tests/fleet/).
+    extra_config: str = ""
 
     @property
     def log(self) -> str:
@@ -74,6 +77,8 @@ class Broker:
             lines += ["allow_anonymous false", f"password_file {passwords}"]
         else:
             lines.append("allow_anonymous true")
+        if self.extra_config:
+            lines.append(self.extra_config.rstrip("\n"))
         config = self.directory / "mosquitto.conf"
         config.write_text("\n".join(lines) + "\n")
         return config

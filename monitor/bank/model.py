@@ -98,6 +98,17 @@ class Bank:
         return {name: arr.shape[1] for name, arr in self.embeddings.items()}
 
     @property
+    def outputs(self) -> dict[str, list[str]]:
+        """The model outputs the bank holds, per model: a backbone named after the model alone is its
+        embedding, ``<model>.<output>`` another output (``aisfx``: embedding, block2, block3; a bank
+        enrolled before every output was kept holds the embedding alone)."""
+        held: dict[str, list[str]] = {}
+        for name in self.backbones:
+            model, _, output = name.partition('.')
+            held.setdefault(model, []).append(output or 'embedding')
+        return held
+
+    @property
     def recorded_rates(self) -> set[int]:
         """Sample rates the enrolled audio was recorded at (banks from before they were kept: none)."""
         return {item.sample_rate for item in self.items if item.sample_rate is not None}
@@ -140,22 +151,29 @@ class Bank:
 
         The bank is never mutated, so a caller holding the current bank (e.g. the
         scoring loop) keeps a consistent view while a new one is being built.
+
+        A bank keeps its layout: rows are added for the backbones it already holds, and further
+        ones offered are left out (a backbone with rows for only some windows could not be
+        scored). An empty bank takes every backbone offered with a model_id: enrollment offers
+        the embeddings a window was scored with too, and names in ``model_ids`` what to keep.
         """
         items = list(items)
-        new = {name: _as_embeddings(name, arr) for name, arr in embeddings.items()}
-        if set(model_ids) != set(new):
-            raise BankError(
-                f"bank add: model_ids for {sorted(model_ids)} but embeddings for {sorted(new)}"
-            )
+        names = self.backbones if self.model_ids else sorted(set(embeddings) & set(model_ids))
+        if not names:
+            raise BankError(f"bank add: nothing to keep: embeddings for {sorted(embeddings)}, "
+                            f"model_ids for {sorted(model_ids)}")
+        lacking = [name for name in names if name not in embeddings or name not in model_ids]
+        if lacking:
+            raise BankError(f"bank add: no embeddings or model_id for backbone(s) {', '.join(lacking)} of the bank "
+                            f"(offered: {', '.join(sorted(embeddings))}): enroll with the bank's backbones, or "
+                            f"start a new bank (--replace)")
+        new = {name: _as_embeddings(name, embeddings[name]) for name in names}
         for name, arr in new.items():
             if arr.shape[0] != len(items):
                 raise BankError(f"bank add: backbone {name!r}: {arr.shape[0]} embeddings for {len(items)} new items")
+        kept_ids = {name: model_ids[name] for name in names}
         if self.model_ids:
-            if set(new) != set(self.embeddings):
-                raise BankError(
-                    f"bank add: backbone mismatch: expected {self.backbones}, got {sorted(new)}"
-                )
-            self.check_compatible(model_ids)
+            self.check_compatible(kept_ids)
             for name, arr in new.items():
                 if arr.shape[1] != self.dims[name]:
                     raise BankError(
@@ -169,7 +187,7 @@ class Bank:
             version=None,
             items=self.items + items,
             embeddings=merged,
-            model_ids=dict(model_ids),
+            model_ids=kept_ids,
             parent=parent_of(self),
         )
 

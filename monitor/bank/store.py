@@ -42,7 +42,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from monitor.bank.model import BACKBONE_NAME, Bank, BankItem, parent_of
-from monitor.errors import BankCurrentMissing, BankError, BankNotFound
+from monitor.errors import (
+    AsdError,
+    BankCurrentMissing,
+    BankError,
+    BankNotFound,
+    first_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +195,17 @@ class BankStore:
         os.replace(tmp, destination)
         return version
 
-    def import_archive(self, archive_path: Path, replace_models: bool = False, note: str = '') -> str:
+    def import_archive(self, archive_path: Path, replace_models: bool = False, note: str = '',
+                       check: Callable[[Bank], object] | None = None, config_source: str = 'the config') -> str:
         """Verify an exported version and save it here as a new current version.
 
         Refused, with nothing changed, when the archive is not a bank export, fails its
         checksums, or holds embeddings of other models than this bank's current version
         (unless ``replace_models``: the daemon's config must then name those models).
+        ``check`` is the daemon's own bank check for the models of ``config_source`` (the
+        detector's): an archive it refuses is refused here too, even into an empty bank, because
+        the daemon would refuse the bank at its next start and leave the machine unmonitored
+        (another box's bank enrolled with another backbone or model version).
         """
         try:
             archive = tarfile.open(archive_path, 'r:gz')
@@ -214,6 +225,12 @@ class BankStore:
             except (OSError, tarfile.TarError) as exc:
                 raise BankError(f"bank import {archive_path}: cannot unpack ({exc})") from None
             imported = _read_version(Path(tmp) / next(iter(tops)))
+        if check is not None:
+            try:
+                check(imported)
+            except AsdError as exc:
+                raise BankError(f"bank import {archive_path}: the daemon of {config_source} would refuse it "
+                                f"({first_line(exc)}); nothing imported") from None
         if not replace_models:
             try:
                 current = self.load()

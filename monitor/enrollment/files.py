@@ -58,9 +58,10 @@ class Windows:
 
 
 def embed_windows(detector: Detector, recording: Recording, source: str, condition: str,
-                  progress: Callable[[float], None] | None = None) -> Windows:
+                  progress: Callable[[float], None] | None = None, features: bool = False) -> Windows:
     """Every window of ``recording`` as bank rows, read a block at a time. Enrollment and
-    evaluation both use it.
+    evaluation both use it; enrollment asks for ``features``, every single output of the
+    models (``Detector.embed``), so that a bank serves any later ``output`` setting.
 
     Each window is also checked as the daemon checks it (``monitor.audio.sensor``, with the
     config's sensor settings, on the original audio at the recording's rate): digital silence,
@@ -69,7 +70,7 @@ def embed_windows(detector: Detector, recording: Recording, source: str, conditi
     measured on the same original samples. The original is read a second time for these, window
     by window, so that the whole recording is never held.
     """
-    embedded = detector.embed(recording, progress=progress)
+    embedded = detector.embed(recording, progress=progress, features=features)
     rate = recording.sample_rate
     span = int(round(detector.window_seconds * rate))
     offsets = [int(round(start * rate)) for start in embedded.starts]
@@ -136,7 +137,8 @@ def enroll_files(
 ) -> Enrolled:
     """Embed every window of ``paths`` (and, with ``mixing``, of their mixtures with the site's
     noise) and save bank + new windows as a new version; ``progress`` hears the seconds of
-    audio read (mixtures included).
+    audio read (mixtures included). A new bank keeps every single output of the models
+    (``Detector.feature_model_ids``); a bank adds rows for the backbones it holds (``Bank.add``).
 
     Windows that fail the sensor checks are left out, one warning per recording (and in the
     result); when none is left, nothing is saved (``NothingToEnroll``). Adds to the current
@@ -148,17 +150,17 @@ def enroll_files(
     except BankNotFound:
         bank = Bank()
     items: list[BankItem] = []
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in detector.model_ids}
+    parts: dict[str, list[np.ndarray]] = {}
     left_out: list[LeftOut] = []
     recorded = bank.recorded_rates
     for recordings in _recordings(paths, mixing):
         for source, recording in recordings:
             check_audio_rate(recorded, recording.sample_rate, detector.model_rate, source)
             recorded.add(recording.sample_rate)
-            windows = embed_windows(detector, recording, source, condition, progress)
+            windows = embed_windows(detector, recording, source, condition, progress, features=True)
             items += windows.items
             for name, emb in windows.embeddings.items():
-                parts[name].append(emb)
+                parts.setdefault(name, []).append(emb)
             if windows.left_out:
                 log.warning("%s", windows.left_out)
                 left_out.append(windows.left_out)
@@ -169,7 +171,7 @@ def enroll_files(
         raise NothingToEnroll(f"nothing to enroll: all {sum(r.windows for r in left_out)} window(s) of "
                               f"{len(paths)} file(s) failed the sensor checks "
                               f"({', '.join(f'{fault} {n}' for fault, n in faults.items())})")
-    new_bank = bank.add(items, {n: np.concatenate(v) for n, v in parts.items()}, detector.model_ids)
+    new_bank = bank.add(items, {n: np.concatenate(v) for n, v in parts.items()}, detector.feature_model_ids)
     mixed = f", each also mixed with site noise x{mixing.mixes}" if mixing else ""
     version = store.save(new_bank, note=note or f"enrolled {len(paths)} file(s){mixed}, condition {condition}")
     log.info("bank %s: version %s with %d windows (%d new)", store.path, version, len(new_bank), len(items))

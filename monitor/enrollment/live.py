@@ -108,6 +108,15 @@ class Session:
         self.audio_seconds += seconds
 
     def accept(self, item: BankItem, embeddings: dict[str, np.ndarray]) -> None:
+        """Keep a window. The daemon embeds every output of the models while a session runs, so
+        that the bank keeps them all; a window embedded just before the session began carries
+        fewer, and is dropped rather than leave the outputs with rows for some windows only."""
+        names, held = set(embeddings), set(self.embeddings)
+        if self.items and not names >= held:
+            return
+        if self.items and names > held:
+            self.items.clear()
+            self.embeddings.clear()
         self.items.append(item)
         for name, emb in embeddings.items():
             self.embeddings.setdefault(name, []).append(emb)

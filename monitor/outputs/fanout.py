@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from monitor.config import AlertRule, Config
 from monitor.outputs.clips import ClipStore
 from monitor.outputs.events import EventLog
+from monitor.outputs.history import ScoreHistory
 from monitor.outputs.messages import (
     AlertEvent,
     AlertType,
@@ -36,7 +37,9 @@ from monitor.outputs.messages import (
     iso_time,
 )
 from monitor.outputs.mqtt import Publisher, discovery_payloads
+from monitor.outputs.plant import PlantFeed
 from monitor.outputs.telemetry import Telemetry
+from monitor.review.verdicts import Alert, ReviewRecord
 from monitor.scoring.live import WindowScore
 
 log = logging.getLogger(__name__)
@@ -73,14 +76,18 @@ def backbone_scores(score: WindowScore) -> dict[str, BackboneScore]:
 
 class Outputs:
     def __init__(self, config: Config, topics: Topics, telemetry: Telemetry, events: EventLog, clips: ClipStore,
-                 publisher: Publisher | None = None) -> None:
+                 publisher: Publisher | None = None, history: ScoreHistory | None = None,
+                 plant: PlantFeed | None = None) -> None:
         self.config = config
         self.topics = topics
         self.telemetry = telemetry
         self.events = events
         self.clips = clips
         self.publisher = publisher
+        self.history = history  # every window's outcome on disk, for the trend plot and reports
         self._listeners: list[WindowListener] = []
+        self.plant = plant or PlantFeed()  # each machine's status for the plant protocols (OPC UA, Sparkplug B)
+        self._states: dict[str, StateMessage] = {}  # the last state message per machine (re-sent on a verdict)
         self.dropped_windows = 0  # since start, every machine (the daemon's overload check reads it)
         self._drop_lock = threading.Lock()  # windowers and workers drop from their own threads
         if publisher is not None:
@@ -97,11 +104,19 @@ class Outputs:
 
     def announce_machines(self, names: list[str], backbones: list[str]) -> None:
         """Create every machine's series at zero; publish Home Assistant discovery."""
+        self.plant.add_machines(names)
         for name in names:
             self.telemetry.add_machine(name, backbones)
-        if self.publisher is not None and self.config.mqtt.homeassistant_discovery:
+        mqtt = self.config.mqtt
+        if self.publisher is not None and mqtt.homeassistant_discovery:
+            # Buttons answer the last alert by command: never with the token in a retained payload.
+            buttons = mqtt.commands and (mqtt.command_token_file is None or mqtt.homeassistant_token_entity is not None)
+            if mqtt.commands and not buttons:
+                log.warning("Home Assistant gets no review buttons: commands need the token from "
+                            "mqtt.command_token_file, and mqtt.homeassistant_token_entity names no entity holding it")
             for name in names:
-                for topic, payload in discovery_payloads(self.topics, name, self.config.mqtt.discovery_prefix):
+                for topic, payload in discovery_payloads(self.topics, name, mqtt.discovery_prefix, buttons=buttons,
+                                                         token_entity=mqtt.homeassistant_token_entity):
                     self.publisher.publish_reliable(topic, payload, retain=True)
 
     def event(self, kind: str, **fields: Any) -> None:
@@ -113,6 +128,8 @@ class Outputs:
         backbones = backbone_scores(score)
         self.telemetry.window(machine, "ok")
         self.telemetry.set_ranks(machine, score.fused, backbones)
+        self._record(machine, end, "ok", score.fused, anomalous)
+        self.plant.update(machine, fused_rank=score.fused, anomalous=anomalous, window_end=iso_time(end), sensor_fault="")
         self._publish_score(ScoreMessage(self.topics.site, machine, iso_time(start), iso_time(end), "ok",
                                          score.fused, anomalous, backbones))
         windows.info("%-12s %s  fused %.3f%s  %s", machine, iso_time(start)[11:19], score.fused,
@@ -122,14 +139,18 @@ class Outputs:
     def idle(self, machine: str, start: float, end: float) -> None:
         """A window without an anomaly decision: no bank yet, or the machine is stopped."""
         self.telemetry.window(machine, "idle")
+        self._record(machine, end, "idle", None, False)
+        self.plant.update(machine, window_end=iso_time(end), sensor_fault="")
         self._publish_score(ScoreMessage(self.topics.site, machine, iso_time(start), iso_time(end), "idle", None, False))
 
     def sensor_fault(self, machine: str, start: float, end: float, faults: list[str], level: float,
                      new: bool) -> None:
         """A faulty window; ``new`` when the machine was not in a sensor fault before it."""
         self.telemetry.window(machine, "sensor_fault")
+        self._record(machine, end, "sensor_fault", None, False)
         for fault in faults:
             self.telemetry.sensor_fault(machine, fault)
+        self.plant.update(machine, window_end=iso_time(end), sensor_fault=",".join(faults))
         self._publish_score(ScoreMessage(self.topics.site, machine, iso_time(start), iso_time(end),
                                          "sensor_fault", None, False, faults=faults))
         console.warning("%-12s %s  SENSOR FAULT %s (level %.1f dBFS)", machine, iso_time(start)[11:19],
@@ -140,6 +161,7 @@ class Outputs:
     def device_fault(self, machine: str, error: str) -> None:
         """A dead input delivers no windows: its fault is reported without one."""
         self.telemetry.sensor_fault(machine, "device")
+        self.plant.update(machine, sensor_fault="device")
         self.events.write("sensor_fault", machine=machine, faults=["device"], detail=error)
 
     def dropped(self, machine: str, start: float | None = None) -> None:
@@ -178,10 +200,13 @@ class Outputs:
         event = AlertEvent(event_id, kind, self.topics.site, machine, iso_time(start), iso_time(end), score.fused,
                            self.config.alerts.threshold, backbone_scores(score), score.condition, clip, clip_error, rule,
                            severity or ("alarm" if kind == "raise" else "ok"))
-        self.telemetry.alert(machine, kind)
-        self.events.write("alert", alert=event)
+        # The outbox first: once there (fsynced) the alert reaches the broker whatever happens to
+        # this process; logged first, a kill -9 in between would leave an alert no broker hears of.
         if self.publisher is not None:
             self.publisher.publish_reliable(self.topics.alert(machine), event.to_json())
+        self.telemetry.alert(machine, kind)
+        self.plant.alert(event)
+        self.events.write("alert", alert=event)
         console.warning("%-12s ALERT %s %s (%s, fused rank %.3f)%s", machine, kind.upper(), event_id, rule, score.fused, f", clip {clip}" if clip else f", no clip: {clip_error}")
         return event
 
@@ -192,19 +217,39 @@ class Outputs:
         state (also in the metrics, the event log and the journal), or the same state again with
         a new ``severity`` or new ``health`` figures (those are reported by :meth:`severity` and
         :meth:`health_trend`). ``since``: when the state began (default now)."""
+        self.plant.update(machine, state=state, detail=detail)
         if change == "state":
             self.telemetry.set_state(machine, state)
             self.events.write("state", machine=machine, state=state, detail=detail)
             log.info("%s: state %s (%s)", machine, state, detail)
         if self.publisher is not None:
             message = StateMessage(self.topics.site, machine, state, iso_time(time.time() if since is None else since),
-                                   detail, event_id, severity, dict(health or {}))
+                                   detail, event_id, severity, dict(health or {}), self._last_alert(machine))
+            self._states[machine] = message
             self.publisher.publish_reliable(self.topics.state(machine), message.to_json(), retain=True)
+
+    def _last_alert(self, machine: str) -> dict[str, str]:
+        status = self.plant.snapshot().get(machine)
+        if status is None or not status.alert_event_id:
+            return {}
+        return {"event_id": status.alert_event_id, "type": status.alert_type, "time": status.alert_time,
+                "verdict": status.verdict}
+
+    def recall_alerts(self, alerts: list[Alert], clears: Mapping[str, str], reviews: list[ReviewRecord]) -> None:
+        """At start: each machine's latest alert, its clear and its verdict from the event log and
+        the reviews, so the state message names it before the next alert."""
+        verdicts = {r.event_id: r.verdict for r in reviews}
+        latest = {a.machine: a for a in alerts}  # oldest first: the last one wins
+        for machine, alert in latest.items():
+            cleared = clears.get(alert.event_id)
+            self.plant.update(machine, alert_event_id=alert.event_id, alert_type="clear" if cleared else "raise",
+                              alert_time=cleared or alert.end, verdict=verdicts.get(alert.event_id, ""))
 
     def severity(self, machine: str, level: Severity) -> None:
         """A machine's new severity level: in the metrics, the event log and the journal (the
         machine re-sends its state message with it; a level change never raises an alert)."""
         self.telemetry.set_severity(machine, level)
+        self.plant.update(machine, severity=level)
         self.events.write("severity", machine=machine, severity=level)
         log.log(logging.WARNING if level == "warning" else logging.INFO, "%s: severity %s", machine, level)
 
@@ -212,6 +257,7 @@ class Outputs:
                      rank_ewma: float | None) -> None:
         """A machine's health figures after a scored window (monitor/service/health.py): the gauges."""
         self.telemetry.set_health_trend(machine, anomalous_1h, anomalous_24h, rank_ewma)
+        self.plant.update(machine, anomalous_1h=anomalous_1h, anomalous_24h=anomalous_24h, rank_ewma=rank_ewma)
 
     def health(self, message: HealthMessage) -> None:
         """Whether the daemon keeps up: retained on MQTT, in the metrics, the event log and
@@ -228,6 +274,12 @@ class Outputs:
         """A person's verdict on an alert, applied by this daemon: counted, in the event log and
         on MQTT (reliable, not retained: each verdict is news once, like an alert)."""
         self.telemetry.review(message.machine, message.verdict)
+        self.plant.review(message)
+        last = self._states.get(message.machine)
+        if self.publisher is not None and last is not None and last.last_alert != self._last_alert(message.machine):
+            self.publisher.publish_reliable(self.topics.state(message.machine),
+                                            replace(last, last_alert=self._last_alert(message.machine)).to_json(),
+                                            retain=True)
         self.events.write("review", machine=message.machine, event_id=message.event_id, verdict=message.verdict,
                           condition=message.condition, note=message.note, who=message.who, version=message.version)
         if self.publisher is not None:
@@ -238,12 +290,22 @@ class Outputs:
     def bank(self, machine: str, version: str | None, previous: str | None, embeddings: Mapping[str, int]) -> None:
         """The machine now scores against bank ``version``."""
         self.telemetry.set_bank(machine, version or "", embeddings)
+        self.plant.update(machine, bank_version=version or "")
         windows_count = max(embeddings.values(), default=0)
         self.events.write("bank", machine=machine, version=version, previous=previous, windows=windows_count)
         log.info("%s: bank %s in use (%d windows)%s", machine, version, windows_count,
                  f", was {previous}" if previous else "")
 
     # ------------------------------------------------------------ plumbing
+    def _record(self, machine: str, end: float, status: WindowStatus, fused: float | None, anomalous: bool) -> None:
+        """A window into the score history; a full disk loses trend points, never the window."""
+        if self.history is None:
+            return
+        try:
+            self.history.record(machine, end, status, fused, anomalous)
+        except OSError as exc:
+            log.warning("%s: score history not written: %s", machine, exc)
+
     def _publish_score(self, message: ScoreMessage) -> None:
         if self.publisher is not None and self.config.mqtt.publish_scores:
             self.publisher.publish_volatile(self.topics.score(message.machine), message.to_json())

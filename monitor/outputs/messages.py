@@ -37,6 +37,9 @@ DaemonStatus = Literal["ok", "degraded"]  # whether the daemon keeps up with its
 # A person's answer to an alert (monitor/review/): a false alarm, a confirmed fault, or unsure.
 VerdictName = Literal["normal", "fault", "unsure"]
 VERDICTS: tuple[str, ...] = get_args(VerdictName)
+# An event id that means "the machine's latest alert": what a dashboard button sends, since it
+# cannot know the id (Home Assistant's discovery payloads are fixed).
+LAST_ALERT = "last"
 # The commands a machine's ``cmd/<command>`` topic takes (and the local control socket).
 COMMANDS: tuple[str, ...] = ("enroll", "review")
 
@@ -111,7 +114,12 @@ class StateMessage(_Payload):
     the first release of ``asd.state/1``, as ``AlertEvent.rule`` was: an added field changes no
     existing field's meaning and subscribers ignore fields they do not know, so the schema
     version stays. The message is re-sent (same ``state`` and ``since``) when the severity
-    changes, and when a health figure moved by 0.01, at most every 5 minutes."""
+    changes, and when a health figure moved by 0.01, at most every 5 minutes.
+
+    ``last_alert`` (added the same way) names the machine's latest alert whether open or not:
+    ``event_id``, ``type`` (raise or clear), ``time`` (end of the deciding window) and
+    ``verdict`` (empty until someone answers it; the message is re-sent when they do), so that
+    a dashboard can show and answer it (``event_id: "last"`` in a review command)."""
 
     site: str
     machine: str
@@ -121,6 +129,7 @@ class StateMessage(_Payload):
     event_id: str | None = None  # the open alert's id while state == "alert"
     severity: Severity = "ok"
     health: dict[str, float | None] = field(default_factory=dict)
+    last_alert: dict[str, str] = field(default_factory=dict)  # empty before the machine's first alert
     schema: str = STATE_SCHEMA
 
 
@@ -155,7 +164,7 @@ class ReviewMessage(_Payload):
     condition: str
     note: str
     time: str
-    who: str  # the way in: mqtt, socket or cli
+    who: str  # the way in: mqtt, socket, cli or web
     version: str | None = None  # bank version with the reviewed audio (verdict normal)
     schema: str = REVIEW_SCHEMA
 

@@ -42,7 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from monitor.config import MqttConfig
 from monitor.errors import MqttConfigError, OutboxError
 from monitor.outputs import messages
-from monitor.outputs.messages import Topics
+from monitor.outputs.messages import LAST_ALERT, Topics
 from monitor.outputs.outbox import Outbox, OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -98,23 +98,14 @@ class Publisher:
         self._thread: threading.Thread | None = None
 
         self._client_id = config.client_id or f"{topics.daemon}-{socket.gethostname()}"
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311, clean_session=True)
-        password = _read_password(config)
-        if config.username is not None:
-            self._client.username_pw_set(config.username, password)
-        elif password is not None:
-            raise MqttConfigError("mqtt.username: required when a password is configured")
-        if config.tls.enabled:
-            _set_tls(self._client, config)
+        self._client = make_client(config, self._client_id)
         self._client.will_set(topics.status(), messages.OFFLINE, qos=1, retain=True)
-        self._client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
-        self._client.on_log = _on_paho_log
 
     @property
     def connected(self) -> bool:
@@ -360,7 +351,24 @@ def _on_paho_log(client: mqtt.Client, userdata: Any, level: int, text: str) -> N
     _paho_log.debug("paho: %s", text)
 
 
-def _read_password(config: MqttConfig) -> str | None:
+def make_client(config: MqttConfig, client_id: str, section: str = "mqtt") -> mqtt.Client:
+    """A paho client (MQTT 3.1.1, clean session) with ``config``'s credentials and TLS, the
+    reconnect back-off, and paho's own log at DEBUG; callbacks and will are the caller's.
+    ``section`` names the config section in errors (the Sparkplug B node's own connection)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True)
+    password = _read_password(config, section)
+    if config.username is not None:
+        client.username_pw_set(config.username, password)
+    elif password is not None:
+        raise MqttConfigError(f"{section}.username: required when a password is configured")
+    if config.tls.enabled:
+        _set_tls(client, config, section)
+    client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
+    client.on_log = _on_paho_log
+    return client
+
+
+def _read_password(config: MqttConfig, section: str) -> str | None:
     """The password from its file (trailing newline stripped) or environment variable. Errors
     name where it was looked for, never what it is."""
     if config.password_file is not None:
@@ -368,16 +376,16 @@ def _read_password(config: MqttConfig) -> str | None:
             return config.password_file.read_text(encoding="utf-8").rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise MqttConfigError(f"mqtt.password_file: cannot read {config.password_file} ({reason})") from None
+            raise MqttConfigError(f"{section}.password_file: cannot read {config.password_file} ({reason})") from None
     if config.password_env is not None:
         password = os.environ.get(config.password_env)
         if password is None:
-            raise MqttConfigError(f"mqtt.password_env: environment variable {config.password_env} is not set")
+            raise MqttConfigError(f"{section}.password_env: environment variable {config.password_env} is not set")
         return password
     return None
 
 
-def _set_tls(client: mqtt.Client, config: MqttConfig) -> None:
+def _set_tls(client: mqtt.Client, config: MqttConfig, section: str) -> None:
     tls = config.tls
     try:
         client.tls_set(
@@ -387,7 +395,7 @@ def _set_tls(client: mqtt.Client, config: MqttConfig) -> None:
         )
     except OSError as exc:  # ssl.SSLError included: it is an OSError
         files = ", ".join(f"{key} {path}" for key, path in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)) if path)
-        raise MqttConfigError(f"mqtt.tls: cannot load {files or 'the system CA certificates'} ({exc})") from None
+        raise MqttConfigError(f"{section}.tls: cannot load {files or 'the system CA certificates'} ({exc})") from None
 
 
 def discovery_payload(topics: Topics, machine: str, discovery_prefix: str) -> tuple[str, str]:
@@ -435,12 +443,15 @@ def _sensor(topics: Topics, machine: str, discovery_prefix: str, key: str, name:
     return topics.discovery(discovery_prefix, machine, "sensor", key), json.dumps(config, sort_keys=True)
 
 
-def discovery_payloads(topics: Topics, machine: str, discovery_prefix: str) -> list[tuple[str, str]]:
+def discovery_payloads(topics: Topics, machine: str, discovery_prefix: str, *, buttons: bool = False,
+                       token_entity: str | None = None) -> list[tuple[str, str]]:
     """Every Home Assistant discovery message of one machine, as (topic, JSON): the ``problem``
     binary sensor of :func:`discovery_payload`, a ``sensor`` for the severity level (ok, warning,
     alarm; an enum) and one for the health figure ``anomalous_ratio_1h`` in % (a measurement, so
     Home Assistant keeps its long-term statistics), all read from the retained state message and
-    unavailable while the daemon is offline. The daemon publishes them retained at start."""
+    unavailable while the daemon is offline; a ``sensor`` naming the last alert (its time, type and
+    verdict as attributes); and with ``buttons`` (commands on) the buttons of :func:`review_button`.
+    The daemon publishes them retained at start."""
     severity = _sensor(topics, machine, discovery_prefix, "severity", "Severity",
                        "{{ value_json.severity | default('ok') }}", device_class="enum",
                        options=list(messages.SEVERITIES), icon="mdi:alert-decagram")
@@ -449,4 +460,38 @@ def discovery_payloads(topics: Topics, machine: str, discovery_prefix: str) -> l
                      "{% set r = (value_json.health | default({})).anomalous_ratio_1h | default(none) %}"
                      "{{ (r * 100) | round(1) if r is not none else none }}",
                      unit_of_measurement="%", state_class="measurement", icon="mdi:heart-pulse")
-    return [discovery_payload(topics, machine, discovery_prefix), severity, health]
+    last = _sensor(topics, machine, discovery_prefix, "last_alert", "Last alert",
+                   "{{ (value_json.last_alert | default({})).event_id | default(none) }}",
+                   json_attributes_template="{{ value_json.last_alert | default({}) | tojson }}", icon="mdi:bell-alert")
+    answers = [review_button(topics, machine, discovery_prefix, verdict, name, token_entity)
+               for verdict, name in (("normal", "Last alert: false alarm"), ("fault", "Last alert: confirmed fault"))]
+    return [discovery_payload(topics, machine, discovery_prefix), severity, health, last, *(answers if buttons else [])]
+
+
+def review_button(topics: Topics, machine: str, discovery_prefix: str, verdict: str, name: str,
+                  token_entity: str | None) -> tuple[str, str]:
+    """A Home Assistant ``button`` that answers the machine's latest alert with ``verdict``
+    through its review command topic (``event_id: "last"``). The payload is fixed in the
+    retained discovery message, so it cannot carry the alert's id nor, readable by every
+    subscriber, the token: with ``token_entity`` the button's ``command_template`` reads the
+    token from that Home Assistant entity when pressed."""
+    object_id = f"{topics.prefix}_{topics.site}_{machine}"
+    command = {"event_id": LAST_ALERT, "verdict": verdict, "note": "Home Assistant"}
+    if token_entity is None:
+        payload: dict[str, Any] = {"payload_press": json.dumps(command, sort_keys=True)}
+    else:
+        fields = json.dumps(command, sort_keys=True)[:-1]
+        payload = {"command_template": f"{fields}, \"token\": {{{{ states('{token_entity}') | tojson }}}}}}"}
+    config = {
+        "name": name,
+        "unique_id": f"{object_id}_review_{verdict}",
+        "command_topic": topics.command(machine, "review"),
+        "qos": 1,
+        "availability_topic": topics.status(),
+        "payload_available": messages.ONLINE,
+        "payload_not_available": messages.OFFLINE,
+        "device": {"identifiers": [object_id], "name": machine, "model": "Acoustic anomaly detection"},
+        "icon": "mdi:check-circle" if verdict == "normal" else "mdi:alert-octagon",
+        **payload,
+    }
+    return topics.discovery(discovery_prefix, machine, "button", f"review_{verdict}"), json.dumps(config, sort_keys=True)

@@ -30,7 +30,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,14 @@ from monitor.bank.store import BankStore
 from monitor.config import Config
 from monitor.enrollment.files import enroll_files
 from monitor.errors import BankError, CommandError
-from monitor.outputs.messages import iso_time
+from monitor.outputs.messages import LAST_ALERT, iso_time
 from monitor.review.verdicts import (
     Alert,
     ReviewLog,
     ReviewRecord,
     Verdict,
     find_alert,
+    last_alert,
 )
 from monitor.scoring.detector import Detector
 
@@ -148,6 +149,8 @@ class Reviewer:
         """Check, apply and record ``verdict``; ``CommandError`` (nothing changed) when the event
         is unknown, of another machine than ``machine``, already reviewed, or its clip unusable."""
         with self.log.locked():
+            if verdict.event_id == LAST_ALERT:  # resolved under the lock: two presses answer one alert
+                verdict = replace(verdict, event_id=last_alert(self.events, machine).event_id)
             done = self.log.find(verdict.event_id)
             if done is not None:
                 raise CommandError(f"event {verdict.event_id!r} was already reviewed: {done.verdict} "

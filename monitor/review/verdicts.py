@@ -38,7 +38,7 @@ from monitor.enrollment.live import (  # the same names and payload rules as enr
     command_object,
 )
 from monitor.errors import CommandError
-from monitor.outputs.messages import VERDICTS
+from monitor.outputs.messages import LAST_ALERT, VERDICTS
 from monitor.scoring.idle import NOISE_CONDITION
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ EVENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 MAX_PAYLOAD_BYTES = 4096  # a verdict is a few fields; anything bigger is a mistake or an attack
 MAX_NOTE_CHARS = 1000
 FIELDS = ("event_id", "verdict", "condition", "note", "token", "request_id")
-WAYS = ("cli", "mqtt", "socket")  # who gave a verdict: the way it came in
+WAYS = ("cli", "mqtt", "socket", "web")  # who gave a verdict: the way it came in
 REVIEWS_FILE = "reviews.jsonl"
 REVIEWS_LOCK = "reviews.lock"
 EVENT_LOG_BACKUPS = 3  # as the daemon's EventLog rotates: events.jsonl.1 .. .3
@@ -161,6 +161,27 @@ def read_alerts(path: Path) -> list[Alert]:
             except KeyError:
                 continue
     return list(alerts.values())
+
+
+def read_clears(path: Path) -> dict[str, str]:
+    """When each cleared alert was cleared (event id -> end of the clearing window, ISO 8601)."""
+    clears: dict[str, str] = {}
+    for file in event_logs(path):
+        for record in _lines(file):
+            alert = record.get("alert")
+            if record.get("kind") == "alert" and isinstance(alert, dict) and alert.get("type") == "clear":
+                clears.setdefault(str(alert.get("event_id")), str(alert.get("end", "")))
+    return clears
+
+
+def last_alert(path: Path, machine: str | None) -> Alert:
+    """The machine's latest raised alert (``event_id: "last"``), or ``CommandError``."""
+    if machine is None:
+        raise CommandError(f"event_id {LAST_ALERT!r} needs the machine (a command on its topic)")
+    for alert in reversed(read_alerts(path)):
+        if alert.machine == machine:
+            return alert
+    raise CommandError(f"{machine} has no alert to review in {path} or its rotated files")
 
 
 def find_alert(path: Path, event_id: str) -> Alert:

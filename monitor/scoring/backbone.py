@@ -9,13 +9,18 @@ or several outputs concatenated (``embedding+block3``: each L2-normalised per wi
 no part outweighs the others by its scale alone) become one, ``<name>.embedding-block3``; all
 on the file's one session. ``embed_outputs`` fetches every output a session's backbones need
 from one run, so a second output costs no second inference.
+
+A bank keeps every single output of a file (``features``), not the mixture a config asks for:
+a concatenation is made of them when a bank is fitted and when a window is scored
+(``compose``), so changing ``output`` needs no re-enrollment.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, get_args
@@ -157,6 +162,33 @@ class Backbone:
         """The graph outputs this backbone's embedding is made of."""
         return self.parts or (self.meta.output_name,)
 
+    def features(self) -> list[Backbone]:
+        """Every single output of this backbone's model file as a backbone of its own, the file's
+        embedding first (named as the file, the rest ``<file>.<output>``): what a bank keeps of a
+        window, so that any later ``output`` can be made of it without enrolling again."""
+        file = self.file_backbone()
+        return [file, *(file.output(name) for name in extra_outputs(self.session, file.meta.output_name))]
+
+    def file_backbone(self) -> Backbone:
+        """The model file's own embedding on this session (the backbone ``output: null`` names)."""
+        meta = BackboneMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        return Backbone(self.path, meta, self.session)
+
+    @cached_property
+    def feature_names(self) -> tuple[str, ...]:
+        """The names (see ``features``) of the single outputs this embedding is made of."""
+        if not self.parts:
+            return (self.name,)
+        own = self.file_backbone().meta
+        return tuple(own.name if part == own.output_name else f"{own.name}.{part}" for part in self.parts)
+
+    def compose(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """This backbone's embedding made of stored single outputs (``feature_names``): the same
+        rows ``embed`` gives, for bank rows and for windows embedded with ``features``."""
+        if not self.parts:
+            return features[self.name]
+        return _joined([features[name] for name in self.feature_names])
+
     @property
     def name(self) -> str:
         return self.meta.name
@@ -209,6 +241,11 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(x.dtype).tiny)
 
 
+def _joined(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Outputs concatenated into one embedding, each L2-normalised per window."""
+    return np.concatenate([_unit_rows(part) for part in parts], axis=1)
+
+
 def _run(backbones: Sequence[Backbone], windows: np.ndarray) -> list[np.ndarray]:
     """One ``session.run`` of the backbones' common session fetching every graph output they
     need, each backbone's embedding made of them, with the input's and the embeddings' shapes
@@ -224,8 +261,7 @@ def _run(backbones: Sequence[Backbone], windows: np.ndarray) -> list[np.ndarray]
         )
     needed = list(dict.fromkeys(name for b in backbones for name in b.graph_outputs))
     fetched = dict(zip(needed, first.session.run(needed, {first.meta.input_name: windows.astype(np.float32, copy=False)})))
-    outs = [np.concatenate([_unit_rows(fetched[p]) for p in b.parts], axis=1) if b.parts else fetched[b.meta.output_name]
-            for b in backbones]
+    outs = [_joined([fetched[p] for p in b.parts]) if b.parts else fetched[b.meta.output_name] for b in backbones]
     for backbone, out in zip(backbones, outs):
         if out.shape != (windows.shape[0], backbone.meta.embedding_dim):
             raise BackboneError(f"backbone {backbone.name}: output shape {list(out.shape)} != "

@@ -62,8 +62,14 @@ class Banks:
                                 self._what(machine, bank))
         previous, machine.scorer = machine.bank_version, scorer
         self.outputs.bank(machine.name, bank.version, previous, {n: len(bank) for n in bank.backbones})
-        if machine.state in ("starting", "idle"):
-            machine.set_state("normal", f"bank {bank.version}")
+        # A bank from before every output was kept: scored the earlier way, said once per version.
+        outdated = scorer.detector.reenroll_notice(machine.store.path)
+        if outdated:
+            log.warning("%s: %s", machine.name, outdated)
+            self.outputs.event("bank_outdated", machine=machine.name, version=bank.version, detail=outdated)
+        if machine.state in ("starting", "idle") or (outdated and machine.state == "normal"):
+            used = ", ".join(scorer.detector.scored)
+            machine.set_state("normal", f"bank {bank.version}" + (f", earlier layout: scored as {used}" if outdated else ""))
 
     @staticmethod
     def _what(machine: Machine, bank: Bank) -> str:

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from monitor.config import Config
@@ -23,6 +24,7 @@ from monitor.errors import AsdError, CommandError, first_line
 from monitor.outputs.fanout import Outputs
 from monitor.outputs.messages import ReviewMessage
 from monitor.review.apply import Reviewer
+from monitor.review.report import REPORTS_DIR, build_report, write_report
 from monitor.review.verdicts import parse_verdict
 from monitor.scoring.detector import Detector
 from monitor.service.enrolling import LiveEnrollment
@@ -45,8 +47,14 @@ class Commands:
         """A command from the local control socket or the schedule (no token: see above)."""
         return self._handle(machine_name, payload, token_required=False, command=command)
 
-    def _handle(self, machine_name: str, payload: bytes, token_required: bool, command: str = "enroll") -> dict[str, Any]:
-        """An enrollment or review command; the reply says what happened or why nothing did."""
+    def review_from_web(self, machine_name: str, payload: bytes) -> dict[str, Any]:
+        """A verdict posted on the review page (``monitor.web``), whose server checked its token."""
+        return self._handle(machine_name, payload, token_required=False, command="review", who="web")
+
+    def _handle(self, machine_name: str, payload: bytes, token_required: bool, command: str = "enroll",
+                who: str | None = None) -> dict[str, Any]:
+        """An enrollment or review command; the reply says what happened or why nothing did
+        (``who``: the way in, by default mqtt with a token and socket without)."""
         machine = self.machines.get(machine_name)
         request_id = _request_id(payload)
         try:
@@ -55,7 +63,7 @@ class Commands:
             if token_required:
                 self._check_token(payload)
             if command == "review":
-                return self._review(machine, payload, "mqtt" if token_required else "socket")
+                return self._review(machine, payload, who or ("mqtt" if token_required else "socket"))
             reply = self.enrollment.apply(machine, parse_command(payload, self.config.enrollment))
         except CommandError as exc:
             log.warning("command for %s refused: %s", machine_name, exc)
@@ -87,7 +95,22 @@ class Commands:
                                               record.version))
         except Exception:  # noqa: BLE001 - e.g. a full outbox
             log.exception("%s: review %s applied, but telling the outputs failed", machine.name, record.event_id)
+        self._site_report(machine.name)
         return applied.reply() | {"request_id": verdict.request_id}
+
+    def _site_report(self, machine: str) -> None:
+        """After each verdict, what the reviews now say about the machine's threshold
+        (``monitor.review.report``): written to ``<state_dir>/reports`` and logged. The threshold
+        itself is never changed here."""
+        try:
+            report = build_report(self.config, machine, self.models.window_seconds)
+            write_report(report, self.config.daemon.resolved_state_dir() / REPORTS_DIR)
+        except Exception:  # the verdict stands whatever happens to its report
+            log.exception("%s: the site report after a review failed", machine)
+            return
+        log.info("%s: site report: %d confirmed fault(s), %.2f days of normal windows, suggested threshold %s "
+                 "(configured %g)", machine, len(report.faults), report.normal_days,
+                 "none within budget" if report.suggested is None else f"{report.suggested:g}", report.current_threshold)
 
     def on_mqtt(self, topic: str, payload: bytes) -> None:
         """paho's network thread: hand the command to a thread of its own and return at once
@@ -110,14 +133,7 @@ class Commands:
             token = json.loads(payload).get("token")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return  # parse_command reports the malformed payload
-        try:
-            expected = path.read_bytes().strip()
-        except OSError as exc:
-            log.error("mqtt.command_token_file: cannot read %s (%s); refusing MQTT commands", path, exc.strerror)
-            raise CommandError("the daemon cannot read its token file") from None
-        # As bytes: compare_digest refuses str holding anything but ASCII.
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), expected):
-            raise CommandError("missing or wrong token")
+        check_token(token, path, "mqtt.command_token_file")
 
     def check_schedule(self, now: datetime) -> None:
         """Start each scheduled enrollment once on its day, at its minute."""
@@ -128,6 +144,19 @@ class Commands:
                 payload = json.dumps({"action": "start", "duration_s": entry.duration_seconds,
                                       "condition": entry.condition}).encode()
                 log.info("scheduled enrollment of %s: %s", entry.machine, self.handle(entry.machine, payload))
+
+
+def check_token(token: Any, path: Path, key: str) -> None:
+    """``CommandError`` unless ``token`` is the secret in the token file ``path`` (config ``key``),
+    read at each command so a new token applies without a restart."""
+    try:
+        expected = path.read_bytes().strip()
+    except OSError as exc:
+        log.error("%s: cannot read %s (%s); refusing commands that need it", key, path, exc.strerror)
+        raise CommandError("the daemon cannot read its token file") from None
+    # As bytes: compare_digest refuses str holding anything but ASCII.
+    if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), expected):
+        raise CommandError("missing or wrong token")
 
 
 def _request_id(payload: bytes) -> str | None:

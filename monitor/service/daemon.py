@@ -26,20 +26,29 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monitor import __version__
 from monitor.audio.ring import Windower
 from monitor.audio.sources import AudioSource, FileSource, make_source
 from monitor.bank.store import BankStore
 from monitor.config import Config, MachineConfig, load_config
-from monitor.errors import AudioDeviceError, ConfigError, TelemetryError
+from monitor.errors import (
+    AudioDeviceError,
+    ConfigError,
+    MissingDependency,
+    TelemetryError,
+)
 from monitor.outputs.clips import ClipStore
 from monitor.outputs.events import EventLog
 from monitor.outputs.fanout import Outputs, WindowListener
+from monitor.outputs.history import ScoreHistory
 from monitor.outputs.messages import HealthMessage, Topics, iso_time
 from monitor.outputs.mqtt import Publisher
 from monitor.outputs.outbox import Outbox
+from monitor.outputs.plant import PlantFeed
 from monitor.outputs.telemetry import Telemetry
+from monitor.review.verdicts import ReviewLog, read_alerts, read_clears
 from monitor.scoring.detector import Detector
 from monitor.service.alerts import AlertTracker
 from monitor.service.banks import Banks
@@ -53,14 +62,30 @@ from monitor.service.systemd import Notifier
 from monitor.service.threads import limit_compute_threads
 from monitor.service.windows import POLL_SECONDS, WindowQueue, cut_windows, phase_lanes
 
+if TYPE_CHECKING:
+    from monitor.outputs.opcua import OpcUaServer
+    from monitor.outputs.sparkplug import SparkplugNode
+    from monitor.web.server import WebServer
+
 log = logging.getLogger(__name__)
 
 RING_SECONDS = 60.0  # audio a source holds at least (a slow window, phases over the hop)
 BANK_CHECK_SECONDS = 2.0  # how soon a bank switched by another process is picked up
 STATUS_SECONDS = 10.0
 # Sections a reload cannot apply to a running daemon.
-RESTART_KEYS = ("backbones", "runtime", "daemon", "sources", "machines", "mqtt", "metrics")
+RESTART_KEYS = ("backbones", "runtime", "daemon", "sources", "machines", "mqtt", "metrics", "sparkplug", "opcua",
+                "web")
 FAULT_INJECTION_ENV = "ASD_FAULT_INJECTION"
+
+
+def _sparkplug_node(config: Config, plant: PlantFeed, state_dir: Path) -> SparkplugNode:
+    """The Sparkplug B edge node; its library is an optional extra, imported only when enabled."""
+    try:
+        from monitor.outputs.sparkplug import SparkplugNode
+    except ImportError as exc:
+        raise MissingDependency(f"sparkplug.enabled: pysparkplug is not installed: pip install 'asd-monitor[sparkplug]' "
+                                f"and pip install --no-deps pysparkplug==0.6.1 ({exc})") from None
+    return SparkplugNode(config, plant, [m.name for m in config.machines], state_dir)
 
 
 def _fault_injection() -> int | None:
@@ -85,12 +110,16 @@ class Daemon:
         self.state_dir = config.daemon.resolved_state_dir()
         self.notifier = Notifier()
         self.telemetry = Telemetry()
+        self.plant = PlantFeed()  # subscribe before start to see every change
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.sources: dict[str, AudioSource] = {}
         self.machines: list[Machine] = []
         self.publisher: Publisher | None = None
+        self.sparkplug: SparkplugNode | None = None  # from start(), when sparkplug.enabled
+        self.opcua: OpcUaServer | None = None  # from start(), when opcua.enabled
         self.control: ControlServer | None = None
+        self.web: WebServer | None = None  # from start(), when web.enabled
         self.outputs: Outputs | None = None  # from start()
         self.banks: Banks | None = None  # from start()
         self.windows_processed = 0
@@ -134,13 +163,20 @@ class Daemon:
         if cfg.mqtt.enabled:
             outbox = Outbox(self.state_dir / "outbox.sqlite", cfg.mqtt.outbox_max_messages)
             self.publisher = Publisher(cfg.mqtt, topics, outbox)
+        if cfg.sparkplug.enabled:
+            self.sparkplug = _sparkplug_node(cfg, self.plant, self.state_dir)
         self.outputs = Outputs(cfg, topics, self.telemetry, EventLog(cfg.daemon.resolved_event_log()),
-                               ClipStore(self.state_dir / "clips", cfg.clips), self.publisher)
+                               ClipStore(self.state_dir / "clips", cfg.clips), self.publisher,
+                               ScoreHistory(self.state_dir / "history"), plant=self.plant)
+        events = cfg.daemon.resolved_event_log()
+        self.outputs.recall_alerts(read_alerts(events), read_clears(events), ReviewLog(self.state_dir).records())
         for listener in self._listeners:
             self.outputs.add_listener(listener)
+        if cfg.opcua.enabled:
+            self.opcua = self._opcua()
         self.machines = [self._machine(m) for m in cfg.machines]
         self.banks = Banks(cfg, self.models, self.outputs)
-        self.enrollment = LiveEnrollment(cfg, self.models.model_ids, self.outputs, self.banks.switch)
+        self.enrollment = LiveEnrollment(cfg, self.models.feature_model_ids, self.outputs, self.banks.switch)
         self.commands = Commands(cfg, self.machines, self.enrollment, self.outputs, self.models)
         self.pipeline = Pipeline(cfg, self.models, self.outputs, self.enrollment)
         self.windows = WindowQueue(cfg.daemon.resolved_queue_size(len(cfg.machines)), self.outputs, self.stop_event)
@@ -151,11 +187,15 @@ class Daemon:
                 self.publisher.on_command = self.commands.on_mqtt
             self.publisher.start()
         self.outputs.announce_machines([m.name for m in self.machines], [b.name for b in self.models.backbones])
+        if self.sparkplug is not None:
+            self.sparkplug.start()  # after the machines are announced: its births carry them all
         banks = [(m, bank) for m in self.machines if (bank := self.banks.read(m)) is not None]
         self._health()
         if cfg.enrollment.control_socket:
             self.control = ControlServer(self.state_dir / "control.sock", self.commands.handle)
             self.control.start()
+        if cfg.web.enabled:
+            self.web = self._start_web()
         self.banks.fit_at_start(banks, cores)  # in config order: the order of the first windows
         for source in self.sources.values():
             self._start_source(source)
@@ -172,6 +212,39 @@ class Daemon:
         store = BankStore(cfg.bank_dir(self.state_dir))
         return Machine(cfg, self.sources[cfg.source], store, AlertTracker(cfg.name, self.config.alerts),
                        self.outputs.state)
+
+    def _opcua(self) -> OpcUaServer:
+        """The OPC UA server, listening before any audio; asyncua is imported only here, so a
+        box without the optional extra runs everything else."""
+        where = f"{self.config_path}: " if self.config_path else ""
+        try:
+            from monitor.outputs.opcua import OpcUaServer
+        except ImportError as exc:
+            raise MissingDependency(f"{where}opcua.enabled: asyncua is not installed: pip install 'asd-monitor[opcua]' ({exc})") from None
+        cfg = self.config
+        server = OpcUaServer(cfg.opcua, cfg.mqtt.site, cfg.daemon.name, [m.name for m in cfg.machines], self.plant, where)
+        server.start()
+        return server
+
+    def _start_web(self) -> WebServer:
+        """The review page (monitor/web), listening before any audio; starlette and uvicorn are
+        imported only here, so a box without the optional extra runs everything else."""
+        where = f"{self.config_path}: " if self.config_path else ""
+        try:
+            from monitor.web.server import WebServer
+            from monitor.web.views import Site
+        except ImportError as exc:
+            raise MissingDependency(f"{where}web.enabled: starlette or uvicorn is not installed: pip install 'asd-monitor[web]' ({exc})") from None
+        assert self.outputs is not None
+        outputs = self.outputs
+        site = Site(lambda: self.config, self.machines, outputs.history, lambda: outputs.clips.directory,
+                    self.commands.review_from_web)
+        server = WebServer(self.config.web, site)
+        try:
+            server.start()
+        except OSError as exc:  # a taken port or a foreign address: the config must change (exit 78)
+            raise ConfigError(f"{where}web.host, web.port: {exc.strerror or exc}") from None
+        return server
 
     def _start_source(self, source: AudioSource) -> None:
         window = round(self.models.window_seconds * source.sample_rate)
@@ -336,10 +409,18 @@ class Daemon:
             thread.join(timeout=10)
         if self.control is not None:
             self.control.stop()
+        if self.web is not None:
+            self.web.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
+        if self.sparkplug is not None:
+            self.sparkplug.stop()
         if self.publisher is not None:
             self.publisher.stop()
         self.telemetry.stop()
         if self.outputs is not None:
             self.outputs.event("stopped", windows=self.windows_processed)
             self.outputs.events.close()
+            if self.outputs.history is not None:
+                self.outputs.history.close()
         log.info("stopped after %d windows", self.windows_processed)

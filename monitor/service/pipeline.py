@@ -68,7 +68,7 @@ class Pipeline:
                 embeddings = self._embed(samples, rate, machine, clock)
                 self.enrollment.window(machine, start, embeddings, None, report.rms_dbfs)
         else:
-            embeddings = self._embed(samples, rate, machine, clock)
+            embeddings = self._embed(samples, rate, machine, clock, scorer)
             score = scorer.score(embeddings)
             clock.lap("score")
             noise = self.enrollment.enrolling_noise(machine)
@@ -88,8 +88,12 @@ class Pipeline:
         self.outputs.window_done(done)
         return done
 
-    def _embed(self, samples: np.ndarray, rate: int, machine: Machine, clock: _Stopwatch) -> dict[str, np.ndarray]:
-        embedded = self.models.embed(Audio(samples, rate, machine.name))
+    def _embed(self, samples: np.ndarray, rate: int, machine: Machine, clock: _Stopwatch,
+               scorer: LiveScorer | None = None) -> dict[str, np.ndarray]:
+        # Every output of the models while enrolling (a bank keeps them all), and for a bank that
+        # holds only the file's own embedding (``Detector.falls_back``); one run either way.
+        features = machine.session is not None or (scorer is not None and scorer.detector.falls_back)
+        embedded = self.models.embed(Audio(samples, rate, machine.name), features=features)
         clock.lap("embed")
         clock.inference = embedded.inference_seconds
         return embedded.embeddings

@@ -89,16 +89,33 @@ def test_add_copies_the_callers_arrays() -> None:
     (_embeddings(2, 5), MODELS | {'beats': 'beats-other'}, "'beats'.*model_id mismatch.*beats-iter3-as2m.*beats-other"),
     ({'beats': np.zeros((2, 512), np.float32), 'eat': np.zeros((2, 512), np.float32)}, MODELS,
      "'beats'.*dim mismatch: expected 768, got 512"),
-    ({'beats': np.zeros((2, 768), np.float32)}, {'beats': MODELS['beats']}, 'backbone mismatch'),
-    (_embeddings(2, 5) | {'clap': np.zeros((2, 8), np.float32)}, MODELS | {'clap': 'clap'}, 'backbone mismatch'),
-    (_embeddings(2, 5), {'beats': MODELS['beats']}, 'model_ids for'),
+    ({'beats': np.zeros((2, 768), np.float32)}, {'beats': MODELS['beats']},
+     r"no embeddings or model_id for backbone\(s\) eat of the bank \(offered: beats\)"),
+    (_embeddings(2, 5), {'beats': MODELS['beats']}, r"no embeddings or model_id for backbone\(s\) eat"),
     (_embeddings(3, 5), MODELS, "add: backbone 'beats': 3 embeddings for 2 new items"),
     ({'beats': np.full((2, 768), np.nan, np.float32), 'eat': np.zeros((2, 512), np.float32)}, MODELS, 'NaN'),
-    ({'../evil': np.zeros((2, 4), np.float32)}, {'../evil': 'x'}, 'invalid name'),
 ])
 def test_add_rejects_mismatches(embeddings: dict, model_ids: dict, message: str) -> None:
     with pytest.raises(BankError, match=message):
         _bank(2).add(_items(2), embeddings, model_ids)
+
+
+def test_an_empty_bank_refuses_a_bad_backbone_name() -> None:
+    with pytest.raises(BankError, match='invalid name'):
+        Bank().add(_items(2), {'../evil': np.zeros((2, 4), np.float32)}, {'../evil': 'x'})
+
+
+def test_a_bank_keeps_its_layout_when_more_backbones_are_offered() -> None:
+    # A bank enrolled before every output was kept gets rows for its own backbones only: a
+    # backbone with rows for some windows alone could never be scored.
+    bank = _bank(2).add(_items(3), _embeddings(3, 5) | {'clap': np.ones((3, 8), np.float32)}, MODELS | {'clap': 'c'})
+    assert bank.backbones == ['beats', 'eat'] and len(bank) == 5 and bank.model_ids == MODELS
+    # An empty bank takes everything offered with a model_id.
+    offered = _embeddings(3, 5) | {'clap': np.ones((3, 8), np.float32)}
+    assert Bank().add(_items(3), offered, MODELS | {'clap': 'c'}).backbones == ['beats', 'clap', 'eat']
+    assert Bank().add(_items(3), offered, MODELS).backbones == ['beats', 'eat']
+    with pytest.raises(BankError, match="nothing to keep"):
+        Bank().add(_items(3), offered, {'other': 'o'})
 
 
 def test_check_compatible() -> None:

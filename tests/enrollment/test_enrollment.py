@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from monitor.bank.model import BankItem
 from monitor.bank.store import BankStore
 from monitor.cli import main
 from monitor.config import EnrollmentConfig, MachineConfig, ScheduleConfig, SourceConfig
-from monitor.enrollment.live import parse_command
+from monitor.enrollment.live import Session, parse_command
 from monitor.errors import CommandError
 from monitor.service.control import request
 from tests.daemons import clips, daemon_config, enroll, events_of, wait_for, write_yaml
@@ -228,3 +229,18 @@ def test_scheduled_enrollment_starts_once_a_day_at_its_time(tmp_path: Path, runn
     assert len(started) == 1
     daemon.commands.check_schedule(now)  # the same minute again: already done today
     assert daemon.machines[0].session is None and store.versions() == ["v000001"]
+
+
+def test_a_session_keeps_only_windows_that_carry_every_output() -> None:
+    """The daemon embeds every output of the models while a session runs; a window embedded just
+    before the session began carries fewer, and is dropped rather than leave outputs with rows
+    for some windows only (the bank would refuse them at the end)."""
+    session = Session("default", 60.0, "2026-01-01T00:00:00+00:00")
+    item = BankItem("live:motor", 0.0, "default", "2026-01-01T00:00:00+00:00")
+    row = {"aisfx.embedding-block3": np.zeros((1, 768), np.float32)}
+    every = row | {"aisfx": np.zeros((1, 512), np.float32), "aisfx.block3": np.zeros((1, 256), np.float32)}
+    session.accept(item, row)
+    session.accept(item, every)
+    session.accept(item, every)
+    session.accept(item, row)  # fewer than the session holds: left out
+    assert session.accepted == 2 and {n: len(e) for n, e in session.stacked().items()} == dict.fromkeys(every, 2)

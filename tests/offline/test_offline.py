@@ -143,7 +143,7 @@ def test_evaluation_of_short_clips(tmp_path: Path) -> None:
     """5 s clips (as in the fan benchmark) are embedded at their own length and still separate."""
     root = dcase_dataset(tmp_path / "short", seconds=5.0, n_train=6, n_test=3)
     results, summary = run_evaluation(Detector.from_config(Config()), root, None)
-    assert summary["systems"]["aisfx"] > 0.9
+    assert summary["systems"]["aisfx.embedding-block3"] > 0.9  # the default backbone's name
 
 
 def test_evaluate_on_real_dcase_samples(shared_data: Path, tmp_path: Path) -> None:
@@ -152,5 +152,6 @@ def test_evaluate_on_real_dcase_samples(shared_data: Path, tmp_path: Path) -> No
     results, summary = run_evaluation(Detector.from_config(Config()), shared_data / "dcase2023-samples", tmp_path)
     assert {r.machine for r in results} == {"ToyCar", "ToyTrain", "bearing", "fan", "gearbox", "slider", "valve"}
     toycar = next(r for r in results if r.machine == "ToyCar")
-    assert toycar.raw["aisfx"].shape == (2,) and np.all(np.isfinite(toycar.raw["aisfx"]))
+    raw = toycar.raw["aisfx.embedding-block3"]  # the default backbone
+    assert raw.shape == (2,) and np.all(np.isfinite(raw))
     assert (tmp_path / "anomaly_score_ToyCar_section_00_test.csv").exists()

@@ -513,7 +513,7 @@ def _render(config: dict, state: StateMessage) -> str:
 def test_discovery_adds_severity_and_health_sensors_on_the_same_device() -> None:
     payloads = discovery_payloads(TOPICS, "fan1", "homeassistant")
     assert payloads[0] == discovery_payload(TOPICS, "fan1", "homeassistant")  # the binary sensor, unchanged
-    (severity_topic, severity_text), (health_topic, health_text) = payloads[1:]
+    (severity_topic, severity_text), (health_topic, health_text) = payloads[1:3]
     assert severity_topic == "homeassistant/sensor/asd_plant1_fan1_severity/config"
     assert health_topic == "homeassistant/sensor/asd_plant1_fan1_anomalous_1h/config"
     binary = json.loads(payloads[0][1])

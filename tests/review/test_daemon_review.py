@@ -87,3 +87,7 @@ def test_review_over_mqtt_and_the_control_socket(tmp_path: Path, running, mosqui
     logged = [e for e in events_of(daemon) if e["kind"] == "review"]
     assert [(e["event_id"], e["who"]) for e in logged] == [(first, "mqtt"), (second, "socket")]
     assert 'asd_reviews_total{machine="motor",verdict="fault"} 1.0' in _scrape(daemon)
+    # Each verdict left the machine's site report behind (monitor/review/report.py) with the confirmed fault.
+    report = json.loads((config.daemon.state_dir / "reports" / "motor.json").read_text())
+    assert report["faults"] + report["faults_not_in_history"] == [second]
+    assert (config.daemon.state_dir / "reports" / "motor.png").stat().st_size > 1000

@@ -90,7 +90,9 @@ def test_enroll_store_score_and_live_by_name(tmp_path: Path) -> None:
     store = BankStore(tmp_path / "bank")
     enroll_files(detector, store, clips, "default")
     bank = store.load()
-    assert {n: e.shape for n, e in bank.embeddings.items()} == {"aisfx": (4, 512), "aisfx.block3": (4, 256)}
+    # Every output of the file is kept, configured or not (a later output setting needs no new bank).
+    assert {n: e.shape for n, e in bank.embeddings.items()} == {
+        "aisfx": (4, 512), "aisfx.block3": (4, 256), "aisfx.block2": (4, 128)}
     detector.fit(bank)
     normal = score_recording(detector, write_clip(tmp_path / "n.wav", machine_sound(3, 10.0)))
     faulty = score_recording(detector, write_clip(tmp_path / "f.wav", machine_sound(3, 10.0, fault=True)))

@@ -57,7 +57,8 @@ def test_detector_scores_the_running_machine_only() -> None:
     items = [BankItem(f"m{i}", 0.0, "default", NOW) for i in range(30)]
     items += [BankItem(f"n{i}", 0.0, NOISE_CONDITION, NOW) for i in range(10)]
     detector.fit(Bank().add(items, {name: np.concatenate([running, noise])}, detector.model_ids))
-    expected = KnnScorer(running, ["default"] * 30, "mahalanobis", 1, 0.5).leave_one_out()
+    expected = KnnScorer(running, ["default"] * 30, "mahalanobis", 1, 0.5,
+                         normalisation=detector.config.scoring.normalisation).leave_one_out()
     np.testing.assert_allclose(detector.reference(name), np.sort(expected), rtol=1e-6)
     assert detector.score({name: noise[:3]}).idle.all() and not detector.score({name: running[:3]}).idle.any()
     only_noise = Bank().add(items[30:], {name: noise}, detector.model_ids)
