@@ -9,6 +9,7 @@ subscriber (mosquitto_sub) received, never what the publisher believes it sent.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,10 +31,35 @@ def tool(name: str) -> str:
     return path
 
 
+_HANDED_OUT: set[int] = set()  # ports given out in this process, never given twice
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free 127.0.0.1 port, for a listener bound later (a broker started after relays and
+    clients connected). Drawn below the kernel's ephemeral range: an outgoing connection's local
+    port comes from that range, so it cannot take the port between now and the bind (a port from
+    ``bind(0)`` lies inside it, and the fleet tests saw one taken that way)."""
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port below {low}")
 
 
 @dataclass
