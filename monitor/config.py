@@ -257,9 +257,14 @@ class SparkplugConfig:
     password_env: str | None = None
     tls: TlsConfig | None = None
 
+    @property
+    def own_credentials(self) -> bool:
+        """This section names a login of its own (else the node logs in as ``mqtt`` does)."""
+        return self.username is not None or self.password_file is not None or self.password_env is not None
+
     def broker(self, mqtt: MqttConfig) -> MqttConfig:
         """``mqtt`` with this section's overrides: the connection settings the node uses."""
-        credentials = self.username is not None or self.password_file is not None or self.password_env is not None
+        credentials = self.own_credentials
         return dataclasses.replace(
             mqtt, host=self.host or mqtt.host, port=self.port or mqtt.port, tls=self.tls or mqtt.tls,
             username=self.username if credentials else mqtt.username,

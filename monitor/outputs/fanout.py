@@ -39,7 +39,7 @@ from monitor.outputs.messages import (
 from monitor.outputs.mqtt import Publisher, discovery_payloads
 from monitor.outputs.plant import PlantFeed
 from monitor.outputs.telemetry import Telemetry
-from monitor.review.verdicts import Alert, ReviewRecord
+from monitor.review.verdicts import AlertLog, ReviewRecord
 from monitor.scoring.live import WindowScore
 
 log = logging.getLogger(__name__)
@@ -235,13 +235,13 @@ class Outputs:
         return {"event_id": status.alert_event_id, "type": status.alert_type, "time": status.alert_time,
                 "verdict": status.verdict}
 
-    def recall_alerts(self, alerts: list[Alert], clears: Mapping[str, str], reviews: list[ReviewRecord]) -> None:
+    def recall_alerts(self, logged: AlertLog, reviews: list[ReviewRecord]) -> None:
         """At start: each machine's latest alert, its clear and its verdict from the event log and
         the reviews, so the state message names it before the next alert."""
         verdicts = {r.event_id: r.verdict for r in reviews}
-        latest = {a.machine: a for a in alerts}  # oldest first: the last one wins
+        latest = {a.machine: a for a in logged.raises}  # oldest first: the last one wins
         for machine, alert in latest.items():
-            cleared = clears.get(alert.event_id)
+            cleared = logged.clears.get(alert.event_id)
             self.plant.update(machine, alert_event_id=alert.event_id, alert_type="clear" if cleared else "raise",
                               alert_time=cleared or alert.end, verdict=verdicts.get(alert.event_id, ""))
 
@@ -275,10 +275,9 @@ class Outputs:
         on MQTT (reliable, not retained: each verdict is news once, like an alert)."""
         self.telemetry.review(message.machine, message.verdict)
         self.plant.review(message)
-        last = self._states.get(message.machine)
-        if self.publisher is not None and last is not None and last.last_alert != self._last_alert(message.machine):
-            self.publisher.publish_reliable(self.topics.state(message.machine),
-                                            replace(last, last_alert=self._last_alert(message.machine)).to_json(),
+        last, now = self._states.get(message.machine), self._last_alert(message.machine)
+        if self.publisher is not None and last is not None and last.last_alert != now:
+            self.publisher.publish_reliable(self.topics.state(message.machine), replace(last, last_alert=now).to_json(),
                                             retain=True)
         self.events.write("review", machine=message.machine, event_id=message.event_id, verdict=message.verdict,
                           condition=message.condition, note=message.note, who=message.who, version=message.version)

@@ -192,8 +192,8 @@ class SparkplugNode:
 
         client_id = spb.client_id or f"spb-{self.edge_node_id}-{socket.gethostname()}"
         # Errors name the section the settings came from: mqtt's when this one gives none of its own.
-        own = spb.username is not None or spb.password_file is not None or spb.password_env is not None
-        self._client = make_client(self._broker_config, client_id, "sparkplug" if own or spb.tls else "mqtt")
+        self._client = make_client(self._broker_config, client_id,
+                                   "sparkplug" if spb.own_credentials or spb.tls else "mqtt")
         self._set_will()
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

@@ -33,7 +33,7 @@ import numpy as np
 
 from monitor.config import AlertConfig, Config
 from monitor.outputs.history import DAY_SECONDS, ScoreHistory, WindowHistory
-from monitor.review.verdicts import ReviewLog, read_alerts, read_clears
+from monitor.review.verdicts import ReviewLog, read_alert_log
 from monitor.service.alerts import DEFAULT_REFERENCE_SIZE, AlertTracker
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,10 @@ def confirmed_faults(config: Config, machine: str) -> list[Episode]:
     state_dir = config.daemon.resolved_state_dir()
     confirmed = {r.event_id for r in ReviewLog(state_dir).records() if r.verdict == "fault" and r.machine == machine}
     events = config.daemon.resolved_event_log()
-    clears = read_clears(events)
+    logged = read_alert_log(events)
+    clears = logged.clears
     return [Episode(_epoch(a.start), _epoch(clears[a.event_id]) if a.event_id in clears else time.time(), a.event_id)
-            for a in read_alerts(events) if a.event_id in confirmed]
+            for a in logged.raises if a.event_id in confirmed]
 
 
 def build_report(config: Config, machine: str, window_seconds: float, *, days: float = DEFAULT_DAYS,

@@ -147,31 +147,38 @@ def _lines(path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def read_alerts(path: Path) -> list[Alert]:
-    """Every raised alert in the event log and its rotated files, oldest first (an event id
-    logged twice, e.g. after a restart, counts once)."""
-    alerts: dict[str, Alert] = {}
-    for file in event_logs(path):
-        for record in _lines(file):
-            alert = record.get("alert")
-            if record.get("kind") != "alert" or not isinstance(alert, dict) or alert.get("type") != "raise":
-                continue
-            try:
-                alerts.setdefault(str(alert["event_id"]), Alert.from_event(alert))
-            except KeyError:
-                continue
-    return list(alerts.values())
+@dataclass(frozen=True)
+class AlertLog:
+    """The alerts of the event log and its rotated files, read in one pass."""
+
+    raises: list[Alert]  # every raised alert, oldest first (an event id logged twice counts once)
+    clears: dict[str, str]  # event id -> end of the window that cleared it (ISO 8601)
 
 
-def read_clears(path: Path) -> dict[str, str]:
-    """When each cleared alert was cleared (event id -> end of the clearing window, ISO 8601)."""
+def read_alert_log(path: Path) -> AlertLog:
+    """Raises and clears together: the event log may hold up to its rotation cap, so a caller
+    needing both reads it once."""
+    raises: dict[str, Alert] = {}
     clears: dict[str, str] = {}
     for file in event_logs(path):
         for record in _lines(file):
             alert = record.get("alert")
-            if record.get("kind") == "alert" and isinstance(alert, dict) and alert.get("type") == "clear":
+            if record.get("kind") != "alert" or not isinstance(alert, dict):
+                continue
+            if alert.get("type") == "raise":
+                try:
+                    raises.setdefault(str(alert["event_id"]), Alert.from_event(alert))
+                except KeyError:
+                    continue
+            elif alert.get("type") == "clear":
                 clears.setdefault(str(alert.get("event_id")), str(alert.get("end", "")))
-    return clears
+    return AlertLog(list(raises.values()), clears)
+
+
+def read_alerts(path: Path) -> list[Alert]:
+    """Every raised alert in the event log and its rotated files, oldest first (an event id
+    logged twice, e.g. after a restart, counts once)."""
+    return read_alert_log(path).raises
 
 
 def last_alert(path: Path, machine: str | None) -> Alert:

@@ -48,7 +48,7 @@ from monitor.outputs.mqtt import Publisher
 from monitor.outputs.outbox import Outbox
 from monitor.outputs.plant import PlantFeed
 from monitor.outputs.telemetry import Telemetry
-from monitor.review.verdicts import ReviewLog, read_alerts, read_clears
+from monitor.review.verdicts import ReviewLog, read_alert_log
 from monitor.scoring.detector import Detector
 from monitor.service.alerts import AlertTracker
 from monitor.service.banks import Banks
@@ -168,8 +168,7 @@ class Daemon:
         self.outputs = Outputs(cfg, topics, self.telemetry, EventLog(cfg.daemon.resolved_event_log()),
                                ClipStore(self.state_dir / "clips", cfg.clips), self.publisher,
                                ScoreHistory(self.state_dir / "history"), plant=self.plant)
-        events = cfg.daemon.resolved_event_log()
-        self.outputs.recall_alerts(read_alerts(events), read_clears(events), ReviewLog(self.state_dir).records())
+        self.outputs.recall_alerts(read_alert_log(cfg.daemon.resolved_event_log()), ReviewLog(self.state_dir).records())
         for listener in self._listeners:
             self.outputs.add_listener(listener)
         if cfg.opcua.enabled:
